@@ -1,0 +1,16 @@
+# LeMo benchmark workflow: sweep -> one JSON record per point -> aggregate CSV -> figures.
+#
+#   snakemake --cores all                                   # the sweep for the hardware present
+#   snakemake --cores all --workflow-profile workflows/profiles/h200   # pick a profile explicitly
+#
+# The sweep file (workflows/sweeps/*.yaml) defines models, methods, backends and contexts; without
+# config `sweep=...` the cpu sweep runs on machines without a GPU and the h200 sweep on a GPU.
+
+include: "workflows/rules/common.smk"
+include: "workflows/rules/sweep.smk"
+
+
+rule all:
+    input:
+        f"results/{NAME}/sweep.csv",
+        expand("figures/{name}/{model}.png", name=NAME, model=MODELS),

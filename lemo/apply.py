@@ -1,0 +1,221 @@
+"""`apply_lemo` / `remove_lemo`: put LeMo into a Hugging Face causal LM and take it out again.
+
+Each sparse decoder layer is replaced by a `LeMoLayer` that adopts the original layer's children
+(so parameter names, PEFT targets and state dicts are unchanged) and runs the original layer when
+LeMo is inactive (evaluation). Selection is computed before gradient checkpointing wraps the sparse
+computation, so recomputation never re-scores. A forward pre-hook on the decoder captures the padding
+mask and position ids; the causal LM's forward is wrapped for the segmented loss. PEFT LoRA may be
+applied before or after; `remove_lemo` restores every layer, MLP and forward it touched.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LeMoConfig
+from .elimination import sparse_layer
+from .layout import TokenLayout, make_layout
+from .mlp import channel_pruned_forward
+from .models.adapters import Adapter, get_adapter, unwrap
+from .scoring import OracleScorer
+from .segment_loss import segmented_lm_loss
+from .selection import Selection, block_valid, select_blocks, tokens_from_blocks
+
+
+@dataclass
+class _ForwardState:
+    """What the decoder's pre-hook saw for the current forward pass."""
+
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    layout: TokenLayout | None = None
+    selections: dict = field(default_factory=dict)  # layer index -> Selection, for inspection and tests
+
+
+class LeMoLayer(nn.Module):
+    """A sparse decoder layer. Holds the original layer's children under their original names."""
+
+    gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable like any layer
+
+    def __init__(self, layer: nn.Module, index: int, adapter: Adapter, config: LeMoConfig, scorer,
+                 state: _ForwardState):
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        for name, value in vars(layer).items():  # plain attributes the adapter reads (e.g. OPT's dropout)
+            if not name.startswith("_") and name != "training":
+                object.__setattr__(self, name, value)
+        # Plain attributes (not submodules): the original layer and shared per-model objects.
+        object.__setattr__(self, "original", layer)
+        self.layer_index = index
+        self.adapter, self.config, self.scorer, self.state = adapter, config, scorer, state
+        self.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False)
+        if hasattr(layer, "_gradient_checkpointing_func"):
+            self._gradient_checkpointing_func = layer._gradient_checkpointing_func
+        layer.gradient_checkpointing = False  # this wrapper checkpoints; the original must not again
+        self.train(layer.training)
+
+    def _active(self) -> bool:
+        return self.training or self.config.active_in_eval
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if not self._active():
+            self.original.train(self.training)
+            return self.original(hidden_states, *args, **kwargs)
+        if _cache_in_use(kwargs):
+            raise ValueError("LeMo layers are for training and do not fill a KV cache; pass use_cache=False "
+                             "or call model.eval() (LeMo is inactive in eval mode)")
+        parts = self.adapter.parts(self)
+        sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
+        run = functools.partial(sparse_layer, parts, sel=sel, position_embeddings=kwargs.get("position_embeddings"),
+                                mlp_mode=self.config.mlp_mode)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
+                checkpoint, use_reentrant=False)
+            return ckpt(run, hidden_states)
+        return run(hidden_states)
+
+    @torch.no_grad()
+    def select(self, parts, hidden: torch.Tensor, position_embeddings) -> Selection:
+        cfg = self.config
+        b, length, _ = hidden.shape
+        layout = self.state.layout
+        if layout is None or layout.shape != (b, length) or layout.doc_ids.device != hidden.device:
+            layout = make_layout(b, length, hidden.device, self.state.attention_mask, self.state.position_ids)
+            self.state.layout = layout
+        valid_blocks = block_valid(layout.valid, cfg.block_size)
+        if cfg.selection == "topk" and cfg.keep_ratio >= 1.0:
+            kept = valid_blocks  # everything is kept: no need to score
+        else:
+            scores = self.scorer(parts, hidden, position_embeddings, layout, cfg.block_size)
+            threshold = cfg.layer_threshold(self.layer_index) if cfg.selection == "threshold" else None
+            kept = select_blocks(scores, valid_blocks, keep_ratio=cfg.keep_ratio, threshold=threshold,
+                                 keep_first=cfg.keep_first_block, keep_last=cfg.keep_last_block)
+        sel = tokens_from_blocks(kept, layout.doc_ids, cfg.block_size)
+        self.state.selections[self.layer_index] = sel
+        return sel
+
+
+def _cache_in_use(kwargs) -> bool:
+    return bool(kwargs.get("use_cache")) or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
+@dataclass
+class LeMoHandle:
+    """Everything apply_lemo changed, so remove_lemo can undo it."""
+
+    config: LeMoConfig
+    sparse_layers: list[int]
+    originals: dict  # index -> original layer
+    patched_mlps: list
+    hook: object
+    state: _ForwardState
+    forward_patched: bool
+
+
+def _check_supported(cfg, config: LeMoConfig) -> None:
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"{cfg.model_type} uses sliding-window attention ({window}); LeMo's kept-token attention "
+                         "is full causal: load the model with sliding_window=None")
+    if config.mlp_mode == "channel":
+        if cfg.model_type == "opt":
+            raise ValueError("mlp_mode='channel' needs a gated SiLU MLP (Llama family); use mlp_mode='token' for OPT")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"mlp_mode='channel' supports SiLU MLPs, not {cfg.hidden_act!r}; use mlp_mode='token'")
+
+
+def apply_lemo(model, config: LeMoConfig | None = None):
+    """Apply LeMo to a causal LM (optionally PEFT-wrapped), in place; returns `model`."""
+    config = config or LeMoConfig()
+    lm = unwrap(model)
+    if getattr(lm, "_lemo", None) is not None:
+        raise ValueError("LeMo is already applied to this model; call remove_lemo(model) first")
+    adapter = get_adapter(lm.config.model_type)
+    _check_supported(lm.config, config)
+    decoder = adapter.decoder(lm)
+    layers = decoder.layers
+    sparse = config.resolve_sparse_layers(len(layers))
+    for i in sparse:
+        adapter.parts(layers[i])  # fails early on unsupported layers (e.g. post-norm OPT)
+
+    state = _ForwardState()
+    scorer = OracleScorer(config.kernels)
+    originals = {}
+    for i in sparse:
+        originals[i] = layers[i]
+        layers[i] = LeMoLayer(layers[i], i, adapter, config, scorer, state)
+
+    patched = []
+    if config.mlp_mode == "channel":
+        channel_layers = range(len(layers)) if config.mlp_channel_all_layers else sparse
+        for i in channel_layers:
+            mlp = layers[i].mlp
+            mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels)
+            patched.append(mlp)
+
+    def capture(module, args, kwargs):
+        state.attention_mask = kwargs.get("attention_mask")
+        state.position_ids = kwargs.get("position_ids")
+        state.layout = None
+        state.selections = {}
+
+    hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    forward_patched = config.segment_loss_tokens > 0
+    if forward_patched:
+        lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens)
+    lm._lemo = LeMoHandle(config, sparse, originals, patched, hook, state, forward_patched)
+    return model
+
+
+def remove_lemo(model):
+    """Undo apply_lemo: original layers, MLP forwards and model forward restored. Returns `model`."""
+    lm = unwrap(model)
+    handle = getattr(lm, "_lemo", None)
+    if handle is None:
+        raise ValueError("LeMo is not applied to this model")
+    layers = get_adapter(lm.config.model_type).decoder(lm).layers
+    for i, original in handle.originals.items():
+        wrapper = layers[i]
+        for name, child in wrapper.named_children():  # PEFT may have swapped children since apply
+            setattr(original, name, child)
+        original.gradient_checkpointing = wrapper.gradient_checkpointing
+        original.train(wrapper.training)
+        layers[i] = original
+    for mlp in handle.patched_mlps:
+        del mlp.forward
+    handle.hook.remove()
+    if handle.forward_patched:
+        del lm.forward
+    lm._lemo = None
+    return model
+
+
+def lemo_state(model) -> _ForwardState:
+    """The last forward's layout and per-layer selections (for inspection and tests)."""
+    handle = getattr(unwrap(model), "_lemo", None)
+    if handle is None:
+        raise ValueError("LeMo is not applied to this model")
+    return handle.state
+
+
+def _segmented_forward(lm, original_forward, segment: int, input_ids=None, attention_mask=None, position_ids=None,
+                       labels=None, inputs_embeds=None, **kwargs):
+    """The causal LM's forward, with the loss computed segment by segment when training with labels."""
+    if labels is None or not torch.is_grad_enabled() or not lm.training:
+        return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                labels=labels, inputs_embeds=inputs_embeds, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("num_items_in_batch", None)  # the segmented loss is a mean over labelled tokens
+    kwargs.pop("logits_to_keep", None)
+    base = getattr(lm, lm.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+               inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment)
+    return CausalLMOutputWithPast(loss=loss, logits=None)

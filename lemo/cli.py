@@ -1,0 +1,108 @@
+"""The `lemo` command: measure sweep jobs, aggregate records, draw figures, check regressions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _measure(args) -> int:
+    from .bench import JobRunner
+    from .sweep import find_job, load_sweep
+
+    sweep = load_sweep(args.sweep)
+    JobRunner(find_job(sweep, args.job), Path(args.out)).run()
+    return 0
+
+
+def _jobs(args) -> int:
+    from .sweep import jobs, load_sweep
+
+    for job in jobs(load_sweep(args.sweep)):
+        print(job.id, len(job.points))
+    return 0
+
+
+def _aggregate(args) -> int:
+    from .results import aggregate
+
+    files = [f for d in args.records for f in sorted(Path(d).rglob("*.json"))]
+    if not files:
+        print(f"no records under {args.records}", file=sys.stderr)
+        return 1
+    frame = aggregate(files, Path(args.out))
+    print(f"{len(files)} records -> {len(frame)} rows in {args.out}")
+    return 0
+
+
+def _figures(args) -> int:
+    from .figures import plot_all
+
+    for path in plot_all(Path(args.csv), Path(args.out_dir), Path(args.reference) if args.reference else None):
+        print(path)
+    return 0
+
+
+def _check(args) -> int:
+    import pandas as pd
+
+    from .check import load_checks, run_checks
+
+    failures = run_checks(pd.read_csv(args.csv), load_checks(args.thresholds))
+    if failures:
+        print(f"{len(failures)} check(s) failed", file=sys.stderr)
+        return 1
+    print("all checks passed")
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    import torch
+
+    from baselines.attention import BACKENDS, unavailable_reason
+
+    from .provenance import provenance
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(json.dumps(provenance(device), indent=1))
+    for name in BACKENDS:
+        print(f"{name:16s} {unavailable_reason(name, device, dtype) or 'available'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("measure", help="run one sweep job and write one JSON record per point")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
+    p.add_argument("--out", required=True, help="directory for the records")
+    p.set_defaults(func=_measure)
+    p = sub.add_parser("jobs", help="list the jobs of a sweep")
+    p.add_argument("--sweep", required=True)
+    p.set_defaults(func=_jobs)
+    p = sub.add_parser("aggregate", help="records -> long-format CSV")
+    p.add_argument("records", nargs="+", help="record directories")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_aggregate)
+    p = sub.add_parser("figures", help="CSV -> figures (one per model)")
+    p.add_argument("csv")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--reference", default=None, help="paper artifact CSV for reference markers")
+    p.set_defaults(func=_figures)
+    p = sub.add_parser("check", help="fail when a ratio leaves its committed bound")
+    p.add_argument("csv")
+    p.add_argument("--thresholds", required=True)
+    p.set_defaults(func=_check)
+    p = sub.add_parser("info", help="machine, versions and attention backends available here")
+    p.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""LeMoConfig: everything `apply_lemo` needs, validated up front, JSON round-trippable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+MLP_MODES = ("token", "channel", "dense")
+SELECTIONS = ("topk", "threshold")
+SCORERS = ("oracle",)
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+@dataclass
+class LeMoConfig:
+    """Contextual token elimination (LeMo, arXiv 2501.09767).
+
+    In each sparse layer only the kept 64-token blocks take part in attention (and, in `token` MLP
+    mode, in the MLP); eliminated tokens pass through on the residual stream unchanged.
+    """
+
+    # Fraction of blocks kept in a sparse layer (the artifact keeps 40%).
+    keep_ratio: float = 0.4
+    # "topk": keep ceil(keep_ratio * blocks); "threshold": keep blocks whose score / layer-mean >= threshold.
+    selection: str = "topk"
+    # Per-layer thresholds ({layer: value}) or one value for all, in units of the layer's mean score.
+    threshold: float | dict[int, float] = 1.0
+    # Sparse layers; None = the artifact's schedule: layers n//2-1 .. n-2 (15-30 of 32), rest dense.
+    sparse_layers: list[int] | None = None
+    # Tokens per block: scores are computed and tokens kept in whole blocks (the paper: 64).
+    block_size: int = 64
+    # Always keep the first block (attention sink) / the most recent block.
+    keep_first_block: bool = False
+    keep_last_block: bool = False
+    # MLP in sparse layers: "token" = kept tokens only (the paper); "channel" = dense forward, backward
+    # through the top `mlp_keep_channels` intermediate channels only (the artifact); "dense".
+    mlp_mode: str = "token"
+    mlp_keep_channels: float = 0.2
+    # Channel mode in every layer (the artifact does this) or in sparse layers only.
+    mlp_channel_all_layers: bool = True
+    # Who decides which blocks are informative: "oracle" = real Q.K^T block scores.
+    scorer: str = "oracle"
+    # Block-score implementation: "auto" = Triton on CUDA, segmented torch elsewhere.
+    kernels: str = "auto"
+    # LM head + cross-entropy in segments of this many tokens (recomputed); 0 = plain HF loss.
+    segment_loss_tokens: int = 4096
+    # Eliminate in eval mode too (normally evaluation runs the dense model).
+    active_in_eval: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.mlp_mode not in MLP_MODES:
+            raise ValueError(f"mlp_mode must be one of {MLP_MODES}, got {self.mlp_mode!r}")
+        if not 0.0 < self.mlp_keep_channels <= 1.0:
+            raise ValueError(f"mlp_keep_channels must be in (0, 1], got {self.mlp_keep_channels}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.segment_loss_tokens < 0:
+            raise ValueError(f"segment_loss_tokens must be >= 0 (0 disables), got {self.segment_loss_tokens}")
+        if self.sparse_layers is not None:
+            self.sparse_layers = sorted({int(i) for i in self.sparse_layers})
+        if isinstance(self.threshold, dict):
+            self.threshold = {int(k): float(v) for k, v in self.threshold.items()}
+
+    def resolve_sparse_layers(self, num_layers: int) -> list[int]:
+        """The sparse layer indices for a model of `num_layers`; unknown indices fail clearly."""
+        if self.sparse_layers is None:
+            return list(range(max(0, num_layers // 2 - 1), num_layers - 1))
+        bad = [i for i in self.sparse_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"sparse_layers {bad} out of range for a model of {num_layers} layers (0..{num_layers - 1})")
+        return list(self.sparse_layers)
+
+    def layer_threshold(self, layer: int) -> float:
+        if isinstance(self.threshold, dict):
+            if layer not in self.threshold:
+                raise ValueError(f"no threshold for sparse layer {layer}; give one per sparse layer or a single float")
+            return self.threshold[layer]
+        return float(self.threshold)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LeMoConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LeMoConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LeMoConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,116 @@
+"""Token elimination: one decoder layer computed on its kept tokens only.
+
+Kept rows are gathered from the flattened hidden state, normalised and projected; RoPE is applied at
+their original positions; causal attention runs among kept tokens in original order (the model's own
+attention function, so the backend is the one the model uses; ragged batches run per segment); the
+output projection is added back into the residual stream at the kept rows. Eliminated tokens pass
+through unchanged, and nothing of theirs is saved for backward: index_select and index_add keep only
+indices, every other saved tensor has kept-token length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models.adapters import LayerParts
+from .rope import apply_rope
+from .selection import Selection
+
+
+def _attention_function(parts: LayerParts):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = parts.attn_module.config._attn_implementation
+    if impl == "eager":
+        return impl, None
+    return impl, ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _eager_causal(q, k, v, scaling):
+    """Matmul + softmax with an explicit causal mask (HF's eager function takes its mask from outside)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    n = q.shape[2]
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)  # (B, n, H, hd)
+
+
+def _attend_batched(parts: LayerParts, q, k, v):
+    """q (B, n, Hq, hd), k/v (B, n, Hkv, hd): causal attention, output (B, n, Hq, hd)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    impl, fn = _attention_function(parts)
+    if fn is None:
+        return _eager_causal(q, k, v, parts.scaling)
+    causal = {"is_causal": True} if impl == "sdpa" else {}  # other kernels read module.is_causal
+    out, _ = fn(parts.attn_module, q, k, v, None, dropout=0.0, scaling=parts.scaling, **causal)
+    return out
+
+
+def attend_kept(parts: LayerParts, q, k, v, sel: Selection) -> torch.Tensor:
+    """Causal attention among kept tokens, segment by segment. q (T, Hq, hd) -> (T, Hq * hd)."""
+    t = q.shape[0]
+    if sel.per_row is not None:  # equal, unsegmented rows: one batched call
+        n = sel.per_row
+        out = _attend_batched(parts, q.view(sel.rows, n, *q.shape[1:]), k.view(sel.rows, n, *k.shape[1:]),
+                              v.view(sel.rows, n, *v.shape[1:]))
+        return out.reshape(t, -1)
+    sizes = sel.lengths.tolist()
+    outs = [_attend_batched(parts, qs[None], ks[None], vs[None])[0]
+            for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+    return torch.cat(outs).reshape(t, -1)
+
+
+def gather_positions(position_embeddings, sel: Selection, length: int):
+    """cos/sin at the kept tokens' original positions: (T, hd) each."""
+    cos, sin = position_embeddings
+    hd = cos.shape[-1]
+    cos = cos.expand(sel.rows, length, hd).reshape(-1, hd).index_select(0, sel.index)
+    sin = sin.expand(sel.rows, length, hd).reshape(-1, hd).index_select(0, sel.index)
+    return cos, sin
+
+
+def attention_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, positions) -> torch.Tensor:
+    """The attention sub-layer's output for kept rows: (T, D)."""
+    t = sel.total
+    h = parts.attn_norm(flat.index_select(0, sel.index))
+    q = parts.q_proj(h)
+    if parts.q_prescale != 1.0:
+        q = q * parts.q_prescale
+    q = q.view(t, parts.num_heads, parts.head_dim)
+    k = parts.k_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
+    v = parts.v_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
+    if parts.rope:
+        cos, sin = positions
+        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
+        k = apply_rope(k, cos[:, None, :], sin[:, None, :])
+    return _dropout(parts, parts.o_proj(attend_kept(parts, q, k, v, sel)))
+
+
+def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+    """Residual dropout (OPT); skipped when p = 0 because dropout(p=0) still saves a mask in training."""
+    if parts.dropout == 0.0 or not parts.attn_module.training:
+        return x
+    return F.dropout(x, p=parts.dropout, training=True)
+
+
+def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
+                 mlp_mode: str) -> torch.Tensor:
+    """hidden (B, L, D) -> (B, L, D) with attention (and, in token mode, the MLP) on kept tokens only."""
+    b, length, d = hidden.shape
+    flat = hidden.reshape(b * length, d)
+    positions = gather_positions(position_embeddings, sel, length) if parts.rope else None
+    if sel.total:
+        flat = flat.index_add(0, sel.index, attention_update(parts, flat, sel, positions))
+    if mlp_mode == "token":
+        if sel.total:
+            m = parts.mlp(parts.mlp_norm(flat.index_select(0, sel.index)))
+            flat = flat.index_add(0, sel.index, _dropout(parts, m))
+    else:  # dense forward on all tokens ("channel" mode patches the MLP's backward)
+        m = parts.mlp(parts.mlp_norm(flat))
+        flat = flat + _dropout(parts, m)
+    return flat.view(b, length, d)

@@ -1,0 +1,109 @@
+"""Figures from the aggregated CSV only: peak memory and tokens/s vs context, per model.
+
+One figure per model: columns = checkpointing off / on; rows = peak allocated memory, tokens/s.
+One line per method (colour) and attention backend (line style); out-of-memory points are marked
+with an x on the top edge; the paper artifact's A800 numbers are drawn as reference markers where
+model and context match (`results/reference/jenga_ae_a800.csv`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .results import wide  # noqa: E402
+
+REFERENCE_MODELS = {"llama2": "llama2-7b", "llama3": "llama3-8b", "opt-350m": "opt-350m", "opt-1.3b": "opt-1.3b",
+                    "opt-2.7b": "opt-2.7b", "opt-6.7b": "opt-6.7b"}
+REFERENCE_METHODS = {"lora": "lora", "longlora": "longlora", "jenga": "lemo"}
+STYLES = ["-", "--", ":", "-."]
+
+
+def load_reference(path: Path | None) -> pd.DataFrame:
+    if path is None or not Path(path).exists():
+        return pd.DataFrame()
+    ref = pd.read_csv(path)
+    ref = ref[ref.gpu == "a800"].copy()
+    ref["model"] = ref.model.map(REFERENCE_MODELS)
+    ref["method"] = ref.method.map(REFERENCE_METHODS)
+    return ref
+
+
+def _memory_column(w: pd.DataFrame) -> tuple[str, str]:
+    if "peak_allocated_gib" in w and w["peak_allocated_gib"].notna().any():
+        return "peak_allocated_gib", "peak allocated (GiB)"
+    return "saved_activation_gib", "saved activations (GiB)"
+
+
+def plot_model(frame: pd.DataFrame, model: str, out: Path, reference: pd.DataFrame, title_extra: str = "") -> Path:
+    w = wide(frame[frame.model == model])
+    mem_col, mem_label = _memory_column(w)
+    methods = sorted(w.method.unique())
+    backends = sorted(w.attention.unique())
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    for col, gc in enumerate([False, True]):
+        sub = w[w.gradient_checkpointing == gc]
+        for row, (metric, label) in enumerate([(mem_col, mem_label), ("tokens_per_s", "tokens / s")]):
+            ax = axes[row][col]
+            for m in methods:
+                for b_i, b in enumerate(backends):
+                    pts = sub[(sub.method == m) & (sub.attention == b)].sort_values("context")
+                    ok = pts[pts.status == "ok"]
+                    if metric in ok and ok[metric].notna().any():
+                        ax.plot(ok.context, ok[metric], STYLES[b_i % len(STYLES)], marker="o", ms=4,
+                                color=colors[m], label=f"{m} / {b}")
+                    oom = pts[pts.status == "oom"]
+                    if len(oom):
+                        ax.plot(oom.context, [1.0] * len(oom), "x", ms=9, mew=2, color=colors[m],
+                                transform=ax.get_xaxis_transform(), clip_on=False,
+                                label=f"{m} / {b}: OOM")
+            _reference_markers(ax, reference, model, gc, metric, colors)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{'with' if gc else 'without'} gradient checkpointing")
+            ax.grid(alpha=0.3)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in handles:
+                handles[l] = h
+                labels.append(l)
+    fig.legend([handles[l] for l in labels], labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    gpu = frame.gpu.dropna().unique()
+    fig.suptitle(f"{model} on {', '.join(map(str, gpu)) or '?'}{title_extra}")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * ((len(labels) + 2) // 3), 1, 0.96))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _reference_markers(ax, reference, model, gc, metric, colors):
+    if reference.empty:
+        return
+    ref = reference[(reference.model == model) & (reference.recompute == gc)]
+    for method, grp in ref.groupby("method"):
+        if metric == "peak_allocated_gib":
+            pts = grp[grp.metric == "peak_allocated_mib"]
+            y = pts.value / 1024
+        elif metric == "tokens_per_s":
+            pts = grp[grp.metric == "step_time_ms"]
+            y = pts.context / (pts.value / 1000)
+        else:
+            continue
+        if len(pts):
+            ax.plot(pts.context, y, "D", mfc="none", ms=8, color=colors.get(method, "k"),
+                    label=f"paper A800 artifact: {method}")
+
+
+def plot_all(csv: Path, out_dir: Path, reference: Path | None = None) -> list[Path]:
+    frame = pd.read_csv(csv)
+    ref = load_reference(reference)
+    return [plot_model(frame, model, Path(out_dir) / f"{model}.png", ref) for model in sorted(frame.model.unique())]

@@ -1,0 +1,304 @@
+"""Block-level token-informativeness scores from attention scores (LeMo).
+
+Source: LeMo, arXiv 2501.09767, Eq. 1-2: a token is informative when it receives
+attention mass from later queries. We measure this per block of ``block_size``
+tokens, without ever forming the L x L attention matrix.
+
+Math. Inputs ``q`` (B, Hq, L, D) and ``k`` (B, Hkv, L, D), post-RoPE; Hq = g * Hkv
+(GQA: query head h reads key head h // g). For allowed pairs (i, j)
+
+    P[b, i, j] = (1 / Hq) * sum_h relu(scale * <q[b, h, i], k[b, h // g, j]>)
+
+and P = 0 elsewhere. A pair is allowed when j <= i (causal), both indices are
+< L, and, if ``doc_ids`` (B, L) is given, doc_ids[b, i] == doc_ids[b, j] >= 0
+(-1 marks padding; equal ids cover packed documents). Accumulation is fp32.
+
+With nb = ceil(L / bs), the block map is the tile max
+
+    M[b, I, J] = max_{i in block I, j in block J} P[b, i, j]      (B, nb, nb) fp32,
+
+zero for J > I and for tiles with no allowed pair, and the key-block scores are
+its column sums ``M.sum(dim=1)`` -> (B, nb): how strongly any query block attends
+to key block J.
+
+Three implementations:
+
+* ``block_scores_reference`` -- plain torch, builds L x L (tests only).
+* ``block_scores_torch``     -- segmented torch: query blocks in chunks, one KV
+  head group at a time; memory linear in L. Fallback without Triton.
+* ``block_scores``           -- Triton, FlashAttention-style tiling; never
+  materialises more than a (bs, bs) tile per program.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: block_scores_torch is the fallback.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["block_scores", "block_scores_reference", "block_scores_torch"]
+
+
+# --------------------------------------------------------------------------- checks
+def _check_inputs(q, k, block_size, doc_ids):
+    """Validate shapes/dtypes; return (B, Hq, Hkv, L, D, g)."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise ValueError("q and k must be torch tensors")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be 4-D (B, H, L, D); got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+        )
+    B, Hq, L, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Lk != L or Dk != D:
+        raise ValueError(
+            f"shape mismatch: q (B, Hq, L, D)={tuple(q.shape)} vs k (B, Hkv, L, D)={tuple(k.shape)}; "
+            "batch, sequence length and head_dim must match"
+        )
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"number of query heads Hq={Hq} must be a multiple of key heads Hkv={Hkv} (GQA)")
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise ValueError(f"q and k must be floating point; got {q.dtype}, {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k on different devices: {q.device} vs {k.device}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != (B, L):
+            shape = tuple(doc_ids.shape) if isinstance(doc_ids, torch.Tensor) else type(doc_ids)
+            raise ValueError(f"doc_ids must have shape (B, L)=({B}, {L}); got {shape}")
+        if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer tensor (int32/int64); got {doc_ids.dtype}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids on {doc_ids.device} but q on {q.device}")
+    return B, Hq, Hkv, L, D, Hq // Hkv
+
+
+def _default_scale(D, scale):
+    return D ** -0.5 if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------- torch reference
+def block_scores_reference(q, k, block_size=64, scale=None, doc_ids=None) -> torch.Tensor:
+    """Plain-torch block map (B, nb, nb) fp32. Builds the full L x L matrix: tests only."""
+    B, Hq, Hkv, L, D, g = _check_inputs(q, k, block_size, doc_ids)
+    scale = _default_scale(D, scale)
+    bs = block_size
+    nb = -(-L // bs)
+    kk = k.float().repeat_interleave(g, dim=1)  # (B, Hq, L, D): head h -> kv head h // g
+    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale  # (B, Hq, L, L)
+    p = torch.relu(s).sum(dim=1) / Hq  # (B, L, L)
+    i = torch.arange(L, device=q.device)
+    allowed = (i[None, :] <= i[:, None]).expand(B, L, L)
+    if doc_ids is not None:
+        d = doc_ids.long()
+        allowed = allowed & (d[:, :, None] == d[:, None, :]) & (d[:, :, None] >= 0)
+    p = torch.where(allowed, p, torch.zeros((), dtype=p.dtype, device=p.device))
+    pad = nb * bs - L
+    p = torch.nn.functional.pad(p, (0, pad, 0, pad))  # padded rows/cols are 0 (= not allowed)
+    return p.view(B, nb, bs, nb, bs).amax(dim=(2, 4))
+
+
+# --------------------------------------------------------------------------- segmented torch
+@torch.no_grad()
+def block_scores_torch(q, k, block_size=64, scale=None, doc_ids=None, return_map=True, query_chunk=512):
+    """Segmented torch implementation; never builds the L x L matrix.
+
+    Query rows are processed in chunks of whole query blocks (``query_chunk`` rounded
+    up to a multiple of ``block_size``); a chunk ending at row r1 only sees keys
+    [0, r1) (causal). Within a chunk, one KV head and its g query heads are done per
+    batched matmul (no GQA copy of k), relu'd in place and summed over heads in fp32.
+    Peak extra memory ~ B * chunk * L * (g * itemsize + 4 + 1) bytes.
+
+    Note: the matmul runs in the input dtype (bf16/fp16 scores are rounded once to
+    that dtype before the fp32 head sum); the Triton path accumulates in fp32.
+
+    Returns (map (B, nb, nb) fp32 or None, column sums (B, nb) fp32).
+    """
+    B, Hq, Hkv, L, D, g = _check_inputs(q, k, block_size, doc_ids)
+    scale = _default_scale(D, scale)
+    if not isinstance(query_chunk, int) or query_chunk < 1:
+        raise ValueError(f"query_chunk must be a positive int; got {query_chunk!r}")
+    bs = block_size
+    nb = -(-L // bs)
+    dev = q.device
+    colsum = torch.zeros(B, nb, dtype=torch.float32, device=dev)
+    bmap = torch.zeros(B, nb, nb, dtype=torch.float32, device=dev) if return_map else None
+    if L == 0:
+        return bmap, colsum
+
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    # relu(scale * x) = |scale| * relu(sign(scale) * x): fold the sign into q (exact),
+    # apply |scale| / Hq once on the (tiny) block maxima.
+    sign = -1.0 if scale < 0 else 1.0
+    factor = abs(scale) / Hq
+    qv = q.to(dtype).view(B, Hkv, g, L, D)  # splitting the head dim is always a view
+    kt = k.to(dtype).transpose(-1, -2)  # (B, Hkv, D, L)
+    docs = doc_ids.long() if doc_ids is not None else None
+
+    chunk_blocks = max(1, -(-query_chunk // bs))
+    pos = torch.arange(L, device=dev)
+    for I0 in range(0, nb, chunk_blocks):
+        I1 = min(nb, I0 + chunk_blocks)
+        r0, r1 = I0 * bs, min(L, I1 * bs)  # query rows [r0, r1); keys [0, r1)
+        rows, keys = r1 - r0, r1
+        acc = torch.zeros(B, I1 * bs - r0, I1 * bs, dtype=torch.float32, device=dev)  # block-padded
+        acc_v = acc[:, :rows, :keys]
+        for h in range(Hkv):
+            qc = qv[:, h, :, r0:r1]  # (B, g, rows, D)
+            if sign < 0:
+                qc = -qc
+            s = torch.matmul(qc.reshape(B, g * rows, D), kt[:, h, :, :keys])  # (B, g*rows, keys)
+            s.relu_()
+            acc_v += s.view(B, g, rows, keys).sum(dim=1, dtype=torch.float32)
+            del s
+        # causal: only the diagonal band (keys >= r0) needs masking
+        acc_v[:, :, r0:].masked_fill_(pos[r0:keys][None, :] > pos[r0:r1][:, None], 0.0)
+        if docs is not None:
+            dq = docs[:, r0:r1, None]
+            ok = (dq == docs[:, None, :keys]) & (dq >= 0)
+            acc_v.masked_fill_(~ok, 0.0)
+        blk = acc.view(B, I1 - I0, bs, I1, bs).amax(dim=(2, 4)).mul_(factor)  # (B, I1-I0, I1)
+        del acc, acc_v
+        colsum[:, :I1] += blk.sum(dim=1)
+        if bmap is not None:
+            bmap[:, I0:I1, :I1] = blk
+    return bmap, colsum
+
+
+# --------------------------------------------------------------------------- Triton kernel
+if _HAS_TRITON:
+
+    @triton.jit
+    def _block_scores_kernel(
+        q_ptr, k_ptr, doc_ptr, map_ptr,
+        L, n_kv_heads, factor,
+        sqb, sqh, sql, sqd,
+        skb, skh, skl, skd,
+        sdb, sdl,
+        smb, smi, smj,
+        GROUP: tl.constexpr,  # query heads per KV head (Hq // Hkv)
+        BS: tl.constexpr,  # block size (rows and cols of a tile)
+        D: tl.constexpr,  # head dim
+        HAS_DOC: tl.constexpr,
+        NEG: tl.constexpr,  # scale < 0: relu(scale*x) = |scale| * relu(-x)
+        PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
+    ):
+        # Grid: (number of lower-triangular tiles, B). One program per (I, J <= I) tile.
+        # Chosen over one-program-per-query-block because (a) the head sum must finish
+        # before the tile max, so q tiles cannot be reused across J anyway (all heads
+        # of a q block do not fit in registers) -- traffic is identical; (b) it gives
+        # nb(nb+1)/2 * B equal-cost programs: no triangular load imbalance and enough
+        # CTAs to fill 132 SMs even at short L. Tiles are enumerated row-major
+        # (t = I(I+1)/2 + J), so neighbouring programs share the q block (L2 reuse).
+        t = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        tf = (8 * t + 1).to(tl.float32)
+        I = ((tl.sqrt(tf) - 1.0) * 0.5).to(tl.int64)
+        # fix fp32 rounding of sqrt (off by at most one)
+        I = tl.where(I * (I + 1) // 2 > t, I - 1, I)
+        I = tl.where((I + 1) * (I + 2) // 2 <= t, I + 1, I)
+        J = t - I * (I + 1) // 2
+
+        rows = I * BS + tl.arange(0, BS).to(tl.int64)  # query positions
+        cols = J * BS + tl.arange(0, BS).to(tl.int64)  # key positions
+        dd = tl.arange(0, D).to(tl.int64)
+        row_in = rows < L
+        col_in = cols < L
+
+        q_base = q_ptr + b * sqb + rows[:, None] * sql + dd[None, :] * sqd  # (BS, D)
+        k_base = k_ptr + b * skb + cols[:, None] * skl + dd[None, :] * skd  # (BS, D)
+
+        acc = tl.zeros((BS, BS), dtype=tl.float32)
+        for kvh in range(n_kv_heads):
+            # GQA: load each key tile once and reuse it for its GROUP query heads
+            kt = tl.trans(tl.load(k_base + kvh * skh, mask=col_in[:, None], other=0.0))
+            for r in range(GROUP):
+                qt = tl.load(q_base + (kvh * GROUP + r) * sqh, mask=row_in[:, None], other=0.0)
+                s = tl.dot(qt, kt, input_precision=PRECISION)  # input dtype, fp32 accumulate
+                if NEG:
+                    s = -s
+                acc += tl.maximum(s, 0.0)
+
+        allowed = (cols[None, :] <= rows[:, None]) & row_in[:, None] & col_in[None, :]
+        if HAS_DOC:
+            dq = tl.load(doc_ptr + b * sdb + rows * sdl, mask=row_in, other=-1)
+            dk = tl.load(doc_ptr + b * sdb + cols * sdl, mask=col_in, other=-1)
+            allowed = allowed & (dq[:, None] == dk[None, :]) & (dq[:, None] >= 0)
+        acc = tl.where(allowed, acc, 0.0)
+        m = tl.max(tl.max(acc, axis=1), axis=0) * factor
+        tl.store(map_ptr + b * smb + I * smi + J * smj, m)
+
+
+# --------------------------------------------------------------------------- launcher
+def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size):
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    nb = bmap.shape[1]
+    n_tiles = nb * (nb + 1) // 2
+    if n_tiles == 0 or B == 0:
+        return
+    if n_tiles >= 2**31 or B >= 2**16:
+        raise ValueError(f"too many tiles for one launch: nb={nb} (L={L}, block_size={block_size}), B={B}")
+    has_doc = doc_ids is not None
+    doc = doc_ids if has_doc else bmap  # dummy pointer, never read when HAS_DOC=False
+    sdb, sdl = (doc_ids.stride(0), doc_ids.stride(1)) if has_doc else (0, 0)
+    precision = "ieee" if q.dtype == torch.float32 else None  # exact fp32; 16-bit: backend default
+    # One config, aimed at Hopper (H200): one warpgroup (4 warps) per 64x64 fp32
+    # accumulator, 3-stage software pipelining of the q loads in the head loop; for
+    # D > 128 two warpgroups and 2 stages to stay inside shared memory.
+    num_warps = 4 if D <= 128 else 8
+    num_stages = 3 if D <= 128 else 2
+    _block_scores_kernel[(n_tiles, B)](
+        q, k, doc, bmap,
+        L, Hkv, abs(scale) / Hq,
+        *q.stride(), *k.stride(),
+        sdb, sdl,
+        *bmap.stride(),
+        GROUP=Hq // Hkv, BS=block_size, D=D, HAS_DOC=has_doc, NEG=scale < 0, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _interpreter_on():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- public
+@torch.no_grad()
+def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True):
+    """Triton block scores. Returns (map (B, nb, nb) fp32 or None, column sums (B, nb) fp32).
+
+    q (B, Hq, L, D), k (B, Hkv, L, D) in any float dtype (may be non-contiguous);
+    D and block_size must be powers of two >= 16. Memory: O(B * nb^2) floats.
+    Needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); use
+    ``block_scores_torch`` elsewhere.
+    """
+    B, Hq, Hkv, L, D, g = _check_inputs(q, k, block_size, doc_ids)
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim D={D} must be a power of two >= 16 for the Triton kernel")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size} must be a power of two >= 16 for the Triton kernel")
+    scale = _default_scale(D, scale)
+    if not _HAS_TRITON or (not q.is_cuda and not _interpreter_on()):
+        raise RuntimeError("the Triton block-score kernel needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
+                           "use block_scores_torch or LeMoConfig(kernels='torch')")
+    if q.dtype != k.dtype:
+        dt = torch.promote_types(q.dtype, k.dtype)
+        q, k = q.to(dt), k.to(dt)
+    if q.dtype == torch.float64:  # tl.dot has no fp64 path on tensor cores
+        q, k = q.float(), k.float()
+    nb = -(-L // block_size)
+    bmap = torch.zeros(B, nb, nb, dtype=torch.float32, device=q.device)
+    _launch_block_scores(q, k, doc_ids, bmap, scale, block_size)
+    colsum = bmap.sum(dim=1)
+    return (bmap if return_map else None), colsum

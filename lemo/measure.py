@@ -1,0 +1,178 @@
+"""Measurement of training steps: time, tokens/s, memory (allocator and NVML), saved activation bytes.
+
+One step = forward, backward, optimizer step on the trainable (LoRA) parameters. Warm-up steps run
+first; then the median of the timed steps (device-synchronised clocks) is reported. Memory is the
+allocator's peak allocated and peak reserved over the timed steps, plus the NVML device-memory peak
+sampled by a background thread while they run (absent without NVML). Saved activation bytes are
+counted by a saved-tensors hook during one extra forward: unique storages, parameters excluded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SavedBytes:
+    """Bytes of activations autograd keeps for backward (unique storages, no parameters)."""
+
+    total: int = 0
+    by_dtype: dict = field(default_factory=dict)
+    by_module: dict = field(default_factory=dict)  # name -> bytes first saved while it ran (deduplicated per module)
+
+
+@contextmanager
+def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None = None):
+    """Count the unique storages saved for backward inside the block (parameters excluded).
+
+    `modules` ({name: module}) also attributes bytes to whichever of them is running, deduplicated
+    within each module (a storage two modules save counts for both). Tensors saved inside
+    non-reentrant checkpoint regions are dropped by the checkpoint and not counted (they are
+    recomputed); the checkpointed inputs it holds are not saved tensors either.
+    """
+    result = SavedBytes()
+    params = set()
+    if model is not None:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen, seen_in = set(), {}
+    running: list[str] = []
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if ptr in params or size == 0:
+            return t
+        if (ptr, t.device) not in seen:
+            seen.add((ptr, t.device))
+            result.total += size
+            name = str(t.dtype).replace("torch.", "")
+            result.by_dtype[name] = result.by_dtype.get(name, 0) + size
+        if running and (ptr, t.device) not in seen_in.setdefault(running[-1], set()):
+            seen_in[running[-1]].add((ptr, t.device))
+            result.by_module[running[-1]] = result.by_module.get(running[-1], 0) + size
+        return t
+
+    handles = []
+    for name, module in (modules or {}).items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: running.append(n)))
+        handles.append(module.register_forward_hook(lambda m, a, o: running.pop()))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield result
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class NvmlPeak:
+    """Background sampler of the device's used memory (NVML); `.peak` in bytes, None without NVML."""
+
+    def __init__(self, device_index: int = 0, interval_s: float = 0.002):
+        self.peak = None
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception:  # no NVML (CPU machine, or driver without it)
+            self._nvml = None
+
+    def _run(self):
+        while not self._stop.is_set():
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.peak = used if self.peak is None else max(self.peak, used)
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak or 0, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, batch: dict, optimizer) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@dataclass
+class StepStats:
+    step_s: list
+    loss: float
+    tokens: int
+    peak_allocated: int | None
+    peak_reserved: int | None
+    nvml_peak_used: int | None
+    nvml_baseline_used: int | None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.median_s
+
+
+def time_steps(model, batch: dict, optimizer, warmup: int, steps: int) -> StepStats:
+    """Warm up, then time `steps` training steps; memory peaks cover the timed steps only."""
+    device = batch["input_ids"].device
+    for _ in range(warmup):
+        train_step(model, batch, optimizer)
+    _sync(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sampler = NvmlPeak(device.index or 0) if cuda else None
+    baseline = sampler._nvml.nvmlDeviceGetMemoryInfo(sampler._handle).used if sampler and sampler._nvml else None
+    times, loss = [], float("nan")
+    with sampler if sampler else _null():
+        for _ in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            loss = train_step(model, batch, optimizer)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return StepStats(
+        step_s=times, loss=loss, tokens=int(batch["input_ids"].numel()),
+        peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
+        peak_reserved=torch.cuda.max_memory_reserved(device) if cuda else None,
+        nvml_peak_used=sampler.peak if sampler else None, nvml_baseline_used=baseline)
+
+
+@contextmanager
+def _null():
+    yield None
+
+
+def saved_activation_bytes(model, batch: dict) -> SavedBytes:
+    """Saved-for-backward bytes of one forward (graph freed afterwards without a backward)."""
+    with count_saved_bytes(model) as saved:
+        loss = model(**batch).loss
+    del loss
+    return saved

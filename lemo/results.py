@@ -1,0 +1,70 @@
+"""Records -> one long-format CSV (a row per measurement), and the ratios methods are judged by.
+
+Columns: the point (model, method, attention, gradient_checkpointing, context, batch_size), status
+and reason, metric, value, unit, and provenance (gpu, driver, versions, commit, timestamp), plus the
+method's full configuration as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+UNITS = {"step_s": "s", "step_s_min": "s", "step_s_max": "s", "tokens_per_s": "tokens/s", "loss": "nats",
+         "peak_allocated_gib": "GiB", "peak_reserved_gib": "GiB", "nvml_peak_used_gib": "GiB",
+         "nvml_baseline_used_gib": "GiB", "saved_activation_gib": "GiB", "trainable_params": "count",
+         "steps_timed": "count"}
+POINT_COLS = ["model", "method", "method_name", "attention", "gradient_checkpointing", "context", "batch_size"]
+PROV_COLS = ["gpu", "driver", "cuda", "torch", "transformers", "peft", "triton", "flash_attn", "git_commit",
+             "git_dirty", "timestamp"]
+
+
+def records_to_frame(paths) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        point, prov = rec["point"], rec["provenance"]
+        base = {c: point[c] for c in POINT_COLS}
+        base.update(status=rec["status"], reason=rec.get("reason"), attention_label=rec.get("attention_label"),
+                    rope_factor=rec.get("rope_factor"), warmup=point["warmup"], steps=point["steps"],
+                    dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True))
+        base.update({c: prov.get(c) for c in PROV_COLS})
+        metrics = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+        if not metrics:  # OOM / skipped / error: one row that says so
+            rows.append({**base, "metric": "status", "value": None, "unit": None})
+        for name, value in sorted(metrics.items()):
+            rows.append({**base, "metric": name, "value": float(value), "unit": UNITS.get(name, "s" if name.startswith("time_") else "")})
+    return pd.DataFrame(rows)
+
+
+def aggregate(record_files, out_csv: Path) -> pd.DataFrame:
+    frame = records_to_frame(sorted(record_files))
+    frame = frame.sort_values(POINT_COLS + ["metric"]).reset_index(drop=True)
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_csv, index=False)
+    return frame
+
+
+def wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per point, metrics as columns (status kept)."""
+    keys = POINT_COLS + ["status"]
+    ok = frame[frame.metric != "status"]
+    table = ok.pivot_table(index=keys, columns="metric", values="value", aggfunc="first").reset_index()
+    bad = frame[frame.metric == "status"][keys].drop_duplicates()
+    return pd.concat([table, bad], ignore_index=True)
+
+
+def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False) -> pd.DataFrame:
+    """baseline / method (or method / baseline when higher is better) per matching point; >1 = method wins."""
+    w = wide(frame)
+    w = w[w.status == "ok"]
+    if metric not in w:
+        return pd.DataFrame(columns=["model", "attention", "gradient_checkpointing", "context", "method", "ratio"])
+    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size"]
+    base = w[w.method == baseline][keys + [metric]].rename(columns={metric: "base"})
+    other = w[w.method != baseline][keys + ["method", metric]]
+    merged = other.merge(base, on=keys)
+    merged["ratio"] = merged[metric] / merged["base"] if higher_is_better else merged["base"] / merged[metric]
+    return merged[keys + ["method", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)

@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny models with LoRA whose adapters actually change the output."""
+
+import torch
+
+from baselines.lora import apply_lora
+from lemo.models.registry import build_model
+
+FAMILIES = ["llama2-tiny", "llama3-tiny", "qwen2.5-tiny", "opt-tiny"]
+
+
+def tiny_lora_model(name="llama2-tiny", seed=0, lora_std=0.05):
+    model = build_model(name, dtype=torch.float32, seed=seed)
+    if model.config.model_type == "opt":
+        model.config.dropout = 0.0
+        for layer in model.model.decoder.layers:
+            layer.dropout = 0.0
+            layer.self_attn.dropout = 0.0
+    model = apply_lora(model)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name_, p in model.named_parameters():
+        if "lora_B" in name_:  # PEFT starts B at zero; make the adapters matter
+            p.data.copy_(torch.randn(p.shape, generator=gen) * lora_std)
+    model.train()
+    return model
+
+
+def lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_grads_close(a, b, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys() and a, "gradient sets differ or are empty"
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")

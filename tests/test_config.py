@@ -1,0 +1,48 @@
+import pytest
+
+from lemo import LeMoConfig
+
+
+def test_default_schedule_matches_the_artifact():
+    # Llama-2-7B: layers 15-30 sparse, 0-14 and 31 dense
+    assert LeMoConfig().resolve_sparse_layers(32) == list(range(15, 31))
+    assert LeMoConfig().resolve_sparse_layers(4) == [1, 2]
+
+
+def test_json_round_trip_keeps_every_field():
+    cfg = LeMoConfig(keep_ratio=0.25, selection="threshold", threshold={3: 1.5, 5: 0.8}, sparse_layers=[5, 3],
+                     mlp_mode="channel", keep_first_block=True, segment_loss_tokens=0)
+    back = LeMoConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert back.threshold == {3: 1.5, 5: 0.8} and back.sparse_layers == [3, 5]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(keep_ratio=0.0), "keep_ratio"),
+    (dict(keep_ratio=1.5), "keep_ratio"),
+    (dict(mlp_mode="both"), "mlp_mode"),
+    (dict(selection="random"), "selection"),
+    (dict(mlp_keep_channels=0), "mlp_keep_channels"),
+    (dict(kernels="cuda"), "kernels"),
+    (dict(segment_loss_tokens=-1), "segment_loss_tokens"),
+])
+def test_bad_values_fail_naming_the_field(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        LeMoConfig(**kwargs)
+
+
+def test_unknown_layer_index_fails():
+    with pytest.raises(ValueError, match=r"sparse_layers \[7\] out of range"):
+        LeMoConfig(sparse_layers=[1, 7]).resolve_sparse_layers(4)
+
+
+def test_unknown_field_fails():
+    with pytest.raises(ValueError, match="unknown LeMoConfig fields"):
+        LeMoConfig.from_dict({"keep": 0.4})
+
+
+def test_threshold_dict_must_cover_sparse_layers():
+    cfg = LeMoConfig(selection="threshold", threshold={1: 1.0})
+    assert cfg.layer_threshold(1) == 1.0
+    with pytest.raises(ValueError, match="no threshold for sparse layer 2"):
+        cfg.layer_threshold(2)
