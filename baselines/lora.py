@@ -19,6 +19,13 @@ class LoraOptions:
     alpha: int = 16
     dropout: float = 0.0  # the paper's setting; nonzero adds a saved mask per projection
     targets: str = "qkvo"  # letters of q,k,v,o to adapt
+    # "float32": PEFT's default (adapters upcast; each adapted projection then saves an fp32 copy of
+    # its input, 4 bytes per hidden value); "model": adapters in the model dtype (bf16).
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.adapter_dtype not in ("float32", "model"):
+            raise ValueError(f"adapter_dtype must be 'float32' or 'model', got {self.adapter_dtype!r}")
 
     def target_modules(self, model_type: str) -> list[str]:
         names = TARGETS.get(model_type)
@@ -38,7 +45,9 @@ def apply_lora(model, options: LoraOptions | None = None):
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=options.target_modules(model.config.model_type), bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    if options.adapter_dtype == "model" and not model.dtype.is_floating_point:
+        raise ValueError(f"adapter_dtype='model' needs a floating-point model, got {model.dtype}")
+    return get_peft_model(model, config, autocast_adapter_dtype=options.adapter_dtype == "float32")
 
 
 def setup(model, options: dict):

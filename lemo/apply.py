@@ -21,6 +21,7 @@ from .config import LeMoConfig
 from .elimination import sparse_layer
 from .layout import TokenLayout, make_layout
 from .mlp import channel_pruned_forward
+from .norm import is_rms_norm, rms_norm_forward
 from .models.adapters import Adapter, get_adapter, unwrap
 from .scoring import OracleScorer
 from .segment_loss import segmented_lm_loss
@@ -112,7 +113,7 @@ class LeMoHandle:
     config: LeMoConfig
     sparse_layers: list[int]
     originals: dict  # index -> original layer
-    patched_mlps: list
+    patched: list  # modules whose forward was replaced (MLPs, norms)
     hook: object
     state: _ForwardState
     forward_patched: bool
@@ -165,6 +166,12 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.layout = None
         state.selections = {}
 
+    if config.efficient_norm:
+        for module in decoder.modules():
+            if is_rms_norm(module):
+                module.forward = functools.partial(rms_norm_forward, module)
+                patched.append(module)
+
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
     forward_patched = config.segment_loss_tokens > 0
     if forward_patched:
@@ -187,8 +194,8 @@ def remove_lemo(model):
         original.gradient_checkpointing = wrapper.gradient_checkpointing
         original.train(wrapper.training)
         layers[i] = original
-    for mlp in handle.patched_mlps:
-        del mlp.forward
+    for module in handle.patched:
+        del module.forward
     handle.hook.remove()
     if handle.forward_patched:
         del lm.forward

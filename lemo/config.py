@@ -38,6 +38,8 @@ class LeMoConfig:
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.
     mlp_channel_all_layers: bool = True
+    # RMSNorms keep their input in the model dtype, not an fp32 copy (every layer; Llama family).
+    efficient_norm: bool = True
     # Who decides which blocks are informative: "oracle" = real Q.K^T block scores.
     scorer: str = "oracle"
     # Block-score implementation: "auto" = Triton on CUDA, segmented torch elsewhere.

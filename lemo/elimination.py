@@ -4,8 +4,8 @@ Kept rows are gathered from the flattened hidden state, normalised and projected
 their original positions; causal attention runs among kept tokens in original order (the model's own
 attention function, so the backend is the one the model uses; ragged batches run per segment); the
 output projection is added back into the residual stream at the kept rows. Eliminated tokens pass
-through unchanged, and nothing of theirs is saved for backward: index_select and index_add keep only
-indices, every other saved tensor has kept-token length.
+through unchanged, and nothing of theirs is saved for backward: index_select and scatter_add_rows keep
+only indices, every other saved tensor has kept-token length.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels.rows import scatter_add_rows
 from .models.adapters import LayerParts
 from .rope import apply_rope
 from .selection import Selection
@@ -105,11 +106,11 @@ def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, positi
     flat = hidden.reshape(b * length, d)
     positions = gather_positions(position_embeddings, sel, length) if parts.rope else None
     if sel.total:
-        flat = flat.index_add(0, sel.index, attention_update(parts, flat, sel, positions))
+        flat = scatter_add_rows(flat, sel.index, attention_update(parts, flat, sel, positions))
     if mlp_mode == "token":
         if sel.total:
             m = parts.mlp(parts.mlp_norm(flat.index_select(0, sel.index)))
-            flat = flat.index_add(0, sel.index, _dropout(parts, m))
+            flat = scatter_add_rows(flat, sel.index, _dropout(parts, m))
     else:  # dense forward on all tokens ("channel" mode patches the MLP's backward)
         m = parts.mlp(parts.mlp_norm(flat))
         flat = flat + _dropout(parts, m)

@@ -48,7 +48,7 @@ def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None
         storage = t.untyped_storage()
         ptr, size = storage.data_ptr(), storage.nbytes()
         if ptr in params or size == 0:
-            return t
+            return t.detach()
         if (ptr, t.device) not in seen:
             seen.add((ptr, t.device))
             result.total += size
@@ -57,12 +57,22 @@ def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None
         if running and (ptr, t.device) not in seen_in.setdefault(running[-1], set()):
             seen_in[running[-1]].add((ptr, t.device))
             result.by_module[running[-1]] = result.by_module.get(running[-1], 0) + size
-        return t
+        # A detached alias: returning `t` itself would let a saved output hold its own grad_fn, a
+        # reference cycle through C++ that keeps the whole graph alive after the loss is dropped.
+        return t.detach()
+
+    def enter(name):
+        def hook(module, args):
+            running.append(name)
+        return hook
+
+    def leave(module, args, output):  # must return None: a forward hook's return value replaces the output
+        running.pop()
 
     handles = []
     for name, module in (modules or {}).items():
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: running.append(n)))
-        handles.append(module.register_forward_hook(lambda m, a, o: running.pop()))
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield result

@@ -1,0 +1,44 @@
+"""RMSNorm that saves its input in the model dtype instead of an fp32 copy (same arithmetic as HF).
+
+Hugging Face's Llama-family RMSNorm upcasts the input to fp32 and autograd keeps that copy: 4 bytes
+per hidden value per norm, two norms per layer. This Function keeps the bf16 input and the per-row
+rstd (fp32) and recomputes the normalised value in backward: half the bytes, identical outputs and
+gradients (y = w * (x.float() * rstd).to(dtype), as transformers computes it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).float().sum(0).to(weight.dtype)
+        g = (grad_out * weight).float()  # gradient of the normalised value (cast back to fp32 as autograd does)
+        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
+
+
+def rms_norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Drop-in forward for a Llama-family RMSNorm module (weight, variance_epsilon)."""
+    if not torch.is_grad_enabled():
+        return type(norm).forward(norm, x)
+    return RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
