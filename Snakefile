@@ -13,4 +13,5 @@ include: "workflows/rules/sweep.smk"
 rule all:
     input:
         f"results/{NAME}/sweep.csv",
+        f"results/{NAME}/summary.md",
         expand("figures/{name}/{model}.png", name=NAME, model=MODELS),

@@ -57,6 +57,23 @@ def _check(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import pandas as pd
+
+    from .report import summary, update_readme
+
+    ref = Path(args.reference_dir) if args.reference_dir else None
+    text = summary(pd.read_csv(args.csv), paper_csv=ref / "jenga_ae_a800.csv" if ref else None,
+                   probe_csv=ref / "h200_lora_baseline.csv" if ref else None)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.readme:
+        update_readme(Path(args.readme), args.name, text)
+    if not args.out and not args.readme:
+        print(text)
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -98,6 +115,13 @@ def main(argv=None) -> int:
     p.add_argument("csv")
     p.add_argument("--thresholds", required=True)
     p.set_defaults(func=_check)
+    p = sub.add_parser("report", help="markdown tables from a CSV (optionally into a README block)")
+    p.add_argument("csv")
+    p.add_argument("--out", default=None)
+    p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
+    p.add_argument("--name", default="h200")
+    p.add_argument("--reference-dir", default=None, help="directory with jenga_ae_a800.csv and h200_lora_baseline.csv")
+    p.set_defaults(func=_report)
     p = sub.add_parser("info", help="machine, versions and attention backends available here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

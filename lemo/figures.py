@@ -64,6 +64,8 @@ def plot_model(frame: pd.DataFrame, model: str, out: Path, reference: pd.DataFra
                                 transform=ax.get_xaxis_transform(), clip_on=False,
                                 label=f"{m} / {b}: OOM")
             _reference_markers(ax, reference, model, gc, metric, colors)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=ax.transAxes, color="0.5")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel(label)
@@ -99,7 +101,7 @@ def _reference_markers(ax, reference, model, gc, metric, colors):
         else:
             continue
         if len(pts):
-            ax.plot(pts.context, y, "D", mfc="none", ms=8, color=colors.get(method, "k"),
+            ax.plot(pts.context, y, "D", mfc="none", ms=8, color=colors.get(method, "0.5"),
                     label=f"paper A800 artifact: {method}")
 
 

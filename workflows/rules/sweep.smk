@@ -34,3 +34,16 @@ rule figures:
         "results/{name}/logs/figures.log",
     shell:
         "{PY} -m lemo figures {input.csv} --reference {input.reference} --out-dir figures/{wildcards.name} > {log} 2>&1"
+
+
+rule report:
+    input:
+        csv="results/{name}/sweep.csv",
+        paper="results/reference/jenga_ae_a800.csv",
+        probe="results/reference/h200_lora_baseline.csv",
+    output:
+        "results/{name}/summary.md",
+    log:
+        "results/{name}/logs/summary.log",
+    shell:
+        "{PY} -m lemo report {input.csv} --reference-dir results/reference --out {output} > {log} 2>&1"

@@ -1,0 +1,147 @@
+"""Markdown tables from an aggregated CSV: what README and issue notes quote, never typed by hand.
+
+`summary(frame)` renders: memory without recomputation, step time with recomputation, the kernel-time
+breakdown where profiled, and every other point as a flat table. `update_readme` replaces the block
+between `<!-- results:NAME -->` and `<!-- /results:NAME -->` with that summary.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .results import wide
+
+
+def _fmt(x, digits=2):
+    return "" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def _status(row, col, digits=2):
+    return _fmt(getattr(row, col), digits) if row.status == "ok" else row.status.upper()
+
+
+def _pivot_table(w: pd.DataFrame, metric: str, methods: list[str], baseline: str, higher_is_better: bool,
+                 digits: int) -> str:
+    lines = []
+    cols = [m for m in methods if m in set(w.method)]
+    head = ["model", "attention", "context"] + cols + [f"{baseline}/{m}" if not higher_is_better else f"{m}/{baseline}"
+                                                     for m in cols if m != baseline]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for (model, attention, context), grp in w.groupby(["model", "attention", "context"]):
+        by = {r.method: r for r in grp.itertuples()}
+        if baseline not in by:
+            continue
+        cells = [model, attention, str(context)]
+        cells += [_status(by[m], metric, digits) if m in by else "" for m in cols]
+        base = by[baseline]
+        for m in cols:
+            if m == baseline:
+                continue
+            r = by.get(m)
+            if r is None or r.status != "ok" or base.status != "ok":
+                cells.append("")
+                continue
+            ratio = getattr(r, metric) / getattr(base, metric) if higher_is_better else \
+                getattr(base, metric) / getattr(r, metric)
+            cells.append(f"{ratio:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Targets we can read off a sweep: (label, model, recompute, context, metric, target ratio, paper ratio)
+TARGETS = [
+    ("peak memory, 8K, no recomputation", "llama2-7b", False, 8192, "peak_allocated_gib", 2.0, 1.64),
+    ("step time, 64K, with recomputation", "llama2-7b", True, 65536, "step_s", 1.5, 1.38),
+]
+
+
+def targets(frame: pd.DataFrame, method: str = "lemo-channel", baseline: str = "lora") -> str:
+    """Our ratio against each target we measure (same backend, same run), with the paper's."""
+    w = wide(frame)
+    w = w[w.status == "ok"]
+    lines = ["| target | model | backend | LoRA | LeMo | ratio | target | paper (A800) |", "|---|---|---|---|---|---|---|---|"]
+    for label, model, gc, context, metric, goal, paper in TARGETS:
+        pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
+        for attention, grp in pts.groupby("attention"):
+            by = {r.method: getattr(r, metric) for r in grp.itertuples()}
+            if baseline in by and method in by:
+                ratio = by[baseline] / by[method]
+                lines.append(f"| {label} | {model} | {attention} | {by[baseline]:.2f} | {by[method]:.2f} | "
+                             f"{ratio:.2f}x | {goal:.2f}x | {paper:.2f}x |")
+    return "\n".join(lines)
+
+
+def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
+    """Our LoRA peak memory next to the paper artifact's (A800) and our earlier H200 probe's."""
+    w = wide(frame)
+    w = w[(w.status == "ok") & w.method.isin(["lora", "lora-fp32"]) & (w.attention == "sdpa-flash")]
+    paper = pd.read_csv(paper_csv)
+    paper = paper[(paper.gpu == "a800") & (paper.method == "lora") & (paper.metric == "peak_allocated_mib")]
+    probe = pd.read_csv(probe_csv)
+    names = {"llama2-7b": "llama2", "llama3-8b": "llama3"}
+    lines = ["| model | recompute | context | ours: LoRA fp32 adapters (PEFT default) | ours: LoRA bf16 adapters | "
+             "earlier H200 probe | paper A800 |", "|---|---|---|---|---|---|---|"]
+    for (model, gc, context), grp in w.groupby(["model", "gradient_checkpointing", "context"]):
+        by = {r.method: r.peak_allocated_gib for r in grp.itertuples()}
+        p = paper[(paper.model == names.get(model)) & (paper.context == context) & (paper.recompute == gc)]
+        q = probe[(probe.context == context) & (probe.gradient_checkpointing == gc) & (model == "llama2-7b")
+                  & probe.attention.str.startswith("sdpa default")]
+        cell = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {model} | {gc} | {context} | {cell(by.get('lora-fp32'))} | {cell(by.get('lora'))} | "
+                     f"{cell(q.peak_allocated_gib.iloc[0] if len(q) else None)} | "
+                     f"{cell(p.value.iloc[0] / 1024 if len(p) else None)} |")
+    return "\n".join(lines)
+
+
+def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None = None,
+            probe_csv: Path | None = None) -> str:
+    w = wide(frame)
+    methods = [baseline] + sorted(m for m in w.method.unique() if m != baseline)
+    gpu = ", ".join(sorted(map(str, frame.gpu.dropna().unique())))
+    commits = ", ".join(sorted(c[:10] for c in frame.git_commit.dropna().astype(str).unique()))
+    warmup = ", ".join(map(str, sorted(frame.warmup.unique())))
+    steps = ", ".join(map(str, sorted(frame.steps.unique())))
+    out = [f"Measured on {gpu} (commit {commits}); batch 1; {warmup} warm-up step(s), then the median of "
+           f"{steps} timed step(s).", ""]
+    target_table = targets(frame, baseline=baseline)
+    if target_table.count("\n") > 1:
+        out += ["**Targets (LeMo = lemo-channel, oracle scorer; same backend, same run)**", "", target_table, ""]
+    if paper_csv is not None and probe_csv is not None and "lora-fp32" in set(w.method):
+        out += ["**LoRA peak allocated memory (GiB) against earlier figures**", "", anchors(frame, paper_csv, probe_csv), ""]
+    no_gc = w[w.gradient_checkpointing == False]  # noqa: E712
+    if len(no_gc):
+        out += ["**Peak allocated memory (GiB), no recomputation; ratio > 1 = less memory than LoRA**", "",
+                _pivot_table(no_gc, "peak_allocated_gib", methods, baseline, False, 1), ""]
+        out += ["**Step time (s), no recomputation; ratio > 1 = faster than LoRA**", "",
+                _pivot_table(no_gc, "step_s", methods, baseline, False, 3), ""]
+    gc = w[w.gradient_checkpointing == True]  # noqa: E712
+    if len(gc):
+        out += ["**Step time (s), with recomputation; ratio > 1 = faster than LoRA**", "",
+                _pivot_table(gc, "step_s", methods, baseline, False, 2), ""]
+        out += ["**Peak allocated memory (GiB), with recomputation**", "",
+                _pivot_table(gc, "peak_allocated_gib", methods, baseline, False, 1), ""]
+    time_cols = sorted(c for c in w.columns if str(c).startswith("time_") and c.endswith("_s"))
+    prof = w[w[time_cols].notna().any(axis=1)] if time_cols else w.iloc[0:0]
+    if len(prof):
+        head = ["model", "attention", "recompute", "context", "method", "step_s"] + [c[5:-2] for c in time_cols]
+        out += ["**Where device time goes (s, one profiled step, by kernel category)**", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in prof.sort_values(["model", "gradient_checkpointing", "context", "method"]).itertuples():
+            cells = [r.model, r.attention, str(r.gradient_checkpointing), str(r.context), r.method,
+                     _fmt(r.step_s, 3)] + [_fmt(getattr(r, c), 3) for c in time_cols]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, name: str, text: str) -> None:
+    begin, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    body = readme.read_text()
+    if begin not in body or end not in body:
+        raise ValueError(f"{readme} has no {begin} ... {end} block to fill")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", body))
