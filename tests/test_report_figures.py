@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lemo.figures import plot_all
+from lemo.report import summary, targets, update_readme
+
+ROOT = Path(__file__).resolve().parent.parent
+CSV = ROOT / "results/h200/sweep.csv"
+
+
+def test_summary_and_targets_come_from_the_csv():
+    frame = pd.read_csv(CSV)
+    text = summary(frame, paper_csv=ROOT / "results/reference/jenga_ae_a800.csv",
+                   probe_csv=ROOT / "results/reference/h200_lora_baseline.csv")
+    assert "| llama2-7b | sdpa-flash | 8192 |" in text and "OOM" in text
+    t = targets(frame)
+    lora, lemo = frame[(frame.model == "llama2-7b") & (frame.context == 8192) & (frame.attention == "sdpa-flash")
+                       & (frame.gradient_checkpointing == False) & (frame.metric == "peak_allocated_gib")  # noqa: E712
+                       ].set_index("method").value[["lora", "lemo-channel"]]
+    assert f"{lora / lemo:.2f}x" in t
+
+
+def test_readme_block_replaced_and_missing_block_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:x -->\nold\n<!-- /results:x -->\nb\n")
+    update_readme(readme, "x", "new")
+    assert readme.read_text() == "a\n<!-- results:x -->\nnew\n<!-- /results:x -->\nb\n"
+    with pytest.raises(ValueError, match="no <!-- results:y -->"):
+        update_readme(readme, "y", "new")
+
+
+def test_figures_drawn_per_model_with_oom_points(tmp_path):
+    paths = plot_all(CSV, tmp_path, ROOT / "results/reference/jenga_ae_a800.csv")
+    assert sorted(p.name for p in paths) == ["llama2-7b.png", "llama3-8b.png"]
+    assert all(p.stat().st_size > 20_000 for p in paths)

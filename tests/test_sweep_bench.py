@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+import lemo.bench as bench
+from lemo.results import aggregate, ratios
+from lemo.sweep import expand, find_job, jobs, validate_sweep
+
+SWEEP = {
+    "name": "t", "device": "cpu", "dtype": "float32", "warmup": 1, "steps": 2,
+    "lora": {"r": 8, "alpha": 16, "targets": "qkvo", "adapter_dtype": "model"},
+    "methods": {"lora": {"method": "lora"},
+                "lemo-token": {"method": "lemo", "lemo": {"mlp_mode": "token", "block_size": 64}}},
+    "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-flash", "sdpa-cudnn"],
+                "gradient_checkpointing": False, "contexts": [512, 256], "methods": ["lora", "lemo-token"]}],
+}
+
+
+def test_jobs_group_by_model_backend_checkpointing_in_context_order():
+    js = jobs(SWEEP)
+    assert [j.id for j in js] == ["llama2-tiny__sdpa-flash__gc0", "llama2-tiny__sdpa-cudnn__gc0"]
+    assert [(p.context, p.method) for p in js[0].points] == [(256, "lora"), (256, "lemo-token"), (512, "lora"),
+                                                             (512, "lemo-token")]
+    assert js[0].points[0].options["lora"]["adapter_dtype"] == "model"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s["groups"][0].update(models=["gpt-9"]), "unknown model 'gpt-9'"),
+    (lambda s: s["groups"][0].update(attention=["flash3"]), "unknown attention backend"),
+    (lambda s: s["groups"][0].update(methods=["nope"]), "not defined under methods"),
+    (lambda s: s["methods"].update(x={"method": "magic"}), "unknown method 'magic'"),
+])
+def test_bad_sweeps_fail_naming_the_problem(change, words):
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    change(sweep)
+    with pytest.raises(ValueError, match=words):
+        validate_sweep(sweep)
+
+
+def test_duplicate_points_are_an_error():
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"].append(sweep["groups"][0])
+    with pytest.raises(ValueError, match="appears twice"):
+        expand(sweep)
+
+
+def test_job_writes_records_skips_unavailable_backends_and_records_oom(tmp_path, monkeypatch):
+    real = bench.time_steps
+
+    def oom_at_512(model, batch, optimizer, warmup, steps):
+        if batch["input_ids"].shape[1] == 512:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, optimizer, warmup, steps)
+
+    monkeypatch.setattr(bench, "time_steps", oom_at_512)
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"][0]["contexts"] = [256, 512, 1024]
+    for job_id in ["llama2-tiny__sdpa-flash__gc0", "llama2-tiny__sdpa-cudnn__gc0"]:
+        bench.JobRunner(find_job(sweep, job_id), tmp_path / job_id, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    assert len(recs) == 12 and not list(tmp_path.rglob(".tmp-*"))
+    ok = recs["sdpa-flash__lora__256__b1.json"]
+    assert ok["status"] == "ok" and ok["metrics"]["saved_activation_gib"] > 0
+    assert {"gpu", "torch", "transformers", "peft", "git_commit", "timestamp"} <= set(ok["provenance"])
+    assert ok["point"]["options"]["lora"]["r"] == 8 and ok["attention_label"]
+    assert recs["sdpa-flash__lemo-token__512__b1.json"]["status"] == "oom"
+    assert recs["sdpa-flash__lemo-token__1024__b1.json"]["reason"] == "out of memory at 512 tokens"
+    cudnn = recs["sdpa-cudnn__lora__256__b1.json"]
+    assert cudnn["status"] == "skipped" and "cuDNN" in cudnn["reason"]
+    frame = aggregate(list(tmp_path.rglob("*.json")), tmp_path / "sweep.csv")
+    assert set(frame.status) == {"ok", "oom", "skipped"}
+    r = ratios(frame, "saved_activation_gib")
+    assert list(r.method) == ["lemo-token"] and r.ratio.iloc[0] > 1.2  # LeMo keeps fewer activations
+
+
+def test_opt_contexts_beyond_positions_are_skipped_with_reason(tmp_path):
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"] = [{"models": ["opt-tiny"], "attention": ["sdpa-flash"], "gradient_checkpointing": False,
+                        "contexts": [4096], "methods": ["lora"]}]
+    bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    (rec,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert rec["status"] == "skipped" and "learned positions for 2048" in rec["reason"]
