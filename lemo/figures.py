@@ -16,11 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .results import wide  # noqa: E402
+from .results import memory_metric, wide  # noqa: E402
 
 REFERENCE_MODELS = {"llama2": "llama2-7b", "llama3": "llama3-8b", "opt-350m": "opt-350m", "opt-1.3b": "opt-1.3b",
                     "opt-2.7b": "opt-2.7b", "opt-6.7b": "opt-6.7b"}
-REFERENCE_METHODS = {"lora": "lora", "longlora": "longlora", "jenga": "lemo"}
+# The artifact's LeMo ("jenga") prunes MLP channels in backward: drawn in lemo-channel's colour.
+REFERENCE_METHODS = {"lora": "lora", "longlora": "longlora", "jenga": "lemo-channel"}
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -34,15 +35,9 @@ def load_reference(path: Path | None) -> pd.DataFrame:
     return ref
 
 
-def _memory_column(w: pd.DataFrame) -> tuple[str, str]:
-    if "peak_allocated_gib" in w and w["peak_allocated_gib"].notna().any():
-        return "peak_allocated_gib", "peak allocated (GiB)"
-    return "saved_activation_gib", "saved activations (GiB)"
-
-
 def plot_model(frame: pd.DataFrame, model: str, out: Path, reference: pd.DataFrame, title_extra: str = "") -> Path:
     w = wide(frame[frame.model == model])
-    mem_col, mem_label = _memory_column(w)
+    mem_col, mem_label = memory_metric(w)
     methods = sorted(w.method.unique())
     backends = sorted(w.attention.unique())
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
@@ -101,8 +96,9 @@ def _reference_markers(ax, reference, model, gc, metric, colors):
         else:
             continue
         if len(pts):
+            name = {"lemo-channel": "LeMo (jenga)"}.get(method, method)
             ax.plot(pts.context, y, "D", mfc="none", ms=8, color=colors.get(method, "0.5"),
-                    label=f"paper A800 artifact: {method}")
+                    label=f"paper A800 artifact: {name}")
 
 
 def plot_all(csv: Path, out_dir: Path, reference: Path | None = None) -> list[Path]:

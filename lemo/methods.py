@@ -36,9 +36,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(lora.setup, _teardown_lora,
-                   lambda o: "PEFT LoRA r={r} alpha={alpha} on {targets}".format(**{**vars(lora.LoraOptions()),
-                                                                                    **o.get("lora", {})})),
+    "lora": Method(lora.setup, _teardown_lora, lambda o: f"PEFT {lora.LoraOptions(**o.get('lora', {}))}"),
     "lemo": Method(_setup_lemo, _teardown_lemo,
                    lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json()),
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import wide
+from .results import memory_metric, wide
 
 
 def _fmt(x, digits=2):
@@ -20,7 +20,7 @@ def _fmt(x, digits=2):
 
 
 def _status(row, col, digits=2):
-    return _fmt(getattr(row, col), digits) if row.status == "ok" else row.status.upper()
+    return _fmt(getattr(row, col, float("nan")), digits) if row.status == "ok" else row.status.upper()
 
 
 def _pivot_table(w: pd.DataFrame, metric: str, methods: list[str], baseline: str, higher_is_better: bool,
@@ -65,6 +65,8 @@ def targets(frame: pd.DataFrame, method: str = "lemo-channel", baseline: str = "
     w = w[w.status == "ok"]
     lines = ["| target | model | backend | LoRA | LeMo | ratio | target | paper (A800) |", "|---|---|---|---|---|---|---|---|"]
     for label, model, gc, context, metric, goal, paper in TARGETS:
+        if metric not in w:
+            continue
         pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
         for attention, grp in pts.groupby("attention"):
             by = {r.method: getattr(r, metric) for r in grp.itertuples()}
@@ -112,18 +114,20 @@ def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None 
         out += ["**Targets (LeMo = lemo-channel, oracle scorer; same backend, same run)**", "", target_table, ""]
     if paper_csv is not None and probe_csv is not None and "lora-fp32" in set(w.method):
         out += ["**LoRA peak allocated memory (GiB) against earlier figures**", "", anchors(frame, paper_csv, probe_csv), ""]
+    mem, mem_label = memory_metric(w)
     no_gc = w[w.gradient_checkpointing == False]  # noqa: E712
     if len(no_gc):
-        out += ["**Peak allocated memory (GiB), no recomputation; ratio > 1 = less memory than LoRA**", "",
-                _pivot_table(no_gc, "peak_allocated_gib", methods, baseline, False, 1), ""]
+        out += [f"**{mem_label[0].upper() + mem_label[1:]}, no recomputation; ratio > 1 = less memory than LoRA**", "",
+                _pivot_table(no_gc, mem, methods, baseline, False, 3 if mem == "saved_activation_gib" else 1), ""]
         out += ["**Step time (s), no recomputation; ratio > 1 = faster than LoRA**", "",
                 _pivot_table(no_gc, "step_s", methods, baseline, False, 3), ""]
     gc = w[w.gradient_checkpointing == True]  # noqa: E712
     if len(gc):
         out += ["**Step time (s), with recomputation; ratio > 1 = faster than LoRA**", "",
                 _pivot_table(gc, "step_s", methods, baseline, False, 2), ""]
-        out += ["**Peak allocated memory (GiB), with recomputation**", "",
-                _pivot_table(gc, "peak_allocated_gib", methods, baseline, False, 1), ""]
+        if mem == "peak_allocated_gib":  # saved bytes are not measured under recomputation
+            out += ["**Peak allocated memory (GiB), with recomputation**", "",
+                    _pivot_table(gc, mem, methods, baseline, False, 1), ""]
     time_cols = sorted(c for c in w.columns if str(c).startswith("time_") and c.endswith("_s"))
     prof = w[w[time_cols].notna().any(axis=1)] if time_cols else w.iloc[0:0]
     if len(prof):

@@ -56,6 +56,13 @@ def wide(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([table, bad], ignore_index=True)
 
 
+def memory_metric(w: pd.DataFrame) -> tuple[str, str]:
+    """The memory column a sweep has: allocator peak on GPUs, saved activation bytes on CPU."""
+    if "peak_allocated_gib" in w and w["peak_allocated_gib"].notna().any():
+        return "peak_allocated_gib", "peak allocated (GiB)"
+    return "saved_activation_gib", "saved activations (GiB)"
+
+
 def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False) -> pd.DataFrame:
     """baseline / method (or method / baseline when higher is better) per matching point; >1 = method wins."""
     w = wide(frame)

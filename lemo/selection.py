@@ -45,7 +45,6 @@ def select_blocks(scores: torch.Tensor, valid_blocks: torch.Tensor, *, keep_rati
     masked = scores.float().masked_fill(~valid_blocks, float("-inf"))
     n_valid = valid_blocks.sum(-1)  # (B,)
     if threshold is None:
-        keep = torch.zeros_like(valid_blocks)
         n_keep = torch.clamp((n_valid.double() * keep_ratio).ceil().long(), min=1)
         order = masked.argsort(dim=-1, descending=True, stable=True)  # ties -> earlier block first
         rank = torch.empty_like(order)

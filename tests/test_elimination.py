@@ -170,7 +170,6 @@ def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_lemo(model, LeMoConfig(keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
     calls = []
-    scorer = lemo_state  # keep a reference for readability
     lm = unwrap(model)
     layer = lm.model.layers[1]
     original = layer.scorer.__call__
@@ -182,7 +181,7 @@ def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
     monkeypatch.setattr(layer, "scorer", type("S", (), {"__call__": staticmethod(counting)})())
     ids = torch.randint(0, 512, (1, 64))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert len(calls) == 1 and scorer(model).selections
+    assert len(calls) == 1 and lemo_state(model).selections
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -35,3 +35,17 @@ def test_figures_drawn_per_model_with_oom_points(tmp_path):
     paths = plot_all(CSV, tmp_path, ROOT / "results/reference/jenga_ae_a800.csv")
     assert sorted(p.name for p in paths) == ["llama2-7b.png", "llama3-8b.png"]
     assert all(p.stat().st_size > 20_000 for p in paths)
+
+
+def test_cpu_sweeps_report_saved_bytes(tmp_path):
+    """A CPU sweep has no allocator peaks: the report and figures use saved activation bytes."""
+    from lemo.bench import JobRunner
+    from lemo.results import aggregate
+    from lemo.sweep import jobs, load_sweep
+
+    job = jobs(load_sweep(ROOT / "workflows/sweeps/ci.yaml"))[0]
+    JobRunner(job, tmp_path / "rec", log=lambda *_: None).run()
+    aggregate(list((tmp_path / "rec").glob("*.json")), tmp_path / "sweep.csv")
+    text = summary(pd.read_csv(tmp_path / "sweep.csv"))
+    assert "Saved activations (GiB), no recomputation" in text and "lora/lemo-channel" in text
+    assert plot_all(tmp_path / "sweep.csv", tmp_path / "fig")
