@@ -111,8 +111,7 @@ class LeMoHandle:
     """Everything apply_lemo changed, so remove_lemo can undo it."""
 
     config: LeMoConfig
-    sparse_layers: list[int]
-    originals: dict  # index -> original layer
+    originals: dict  # sparse layer index -> original layer
     patched: list  # modules whose forward was replaced (MLPs, norms)
     hook: object
     state: _ForwardState
@@ -176,7 +175,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
     forward_patched = config.segment_loss_tokens > 0
     if forward_patched:
         lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens)
-    lm._lemo = LeMoHandle(config, sparse, originals, patched, hook, state, forward_patched)
+    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched)
     return model
 
 

@@ -84,11 +84,14 @@ def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None
 class NvmlPeak:
     """Background sampler of the device's used memory (NVML); `.peak` in bytes, None without NVML."""
 
-    def __init__(self, device_index: int = 0, interval_s: float = 0.002):
+    def __init__(self, device_index: int = 0, interval_s: float = 0.002, enabled: bool = True):
         self.peak = None
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread = None
+        self._nvml = None
+        if not enabled:
+            return
         try:
             import pynvml
 
@@ -98,9 +101,13 @@ class NvmlPeak:
         except Exception:  # no NVML (CPU machine, or driver without it)
             self._nvml = None
 
+    def used(self) -> int | None:
+        """Device memory in use now (bytes), None without NVML."""
+        return None if self._nvml is None else self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
     def _run(self):
         while not self._stop.is_set():
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            used = self.used()
             self.peak = used if self.peak is None else max(self.peak, used)
             time.sleep(self._interval)
 
@@ -114,7 +121,7 @@ class NvmlPeak:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak or 0, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self.peak = max(self.peak or 0, self.used())
 
 
 def _sync(device: torch.device):
@@ -158,10 +165,10 @@ def time_steps(model, batch: dict, optimizer, warmup: int, steps: int) -> StepSt
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    sampler = NvmlPeak(device.index or 0) if cuda else None
-    baseline = sampler._nvml.nvmlDeviceGetMemoryInfo(sampler._handle).used if sampler and sampler._nvml else None
+    sampler = NvmlPeak(device.index or 0, enabled=cuda)
+    baseline = sampler.used()
     times, loss = [], float("nan")
-    with sampler if sampler else _null():
+    with sampler:
         for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
@@ -172,12 +179,7 @@ def time_steps(model, batch: dict, optimizer, warmup: int, steps: int) -> StepSt
         step_s=times, loss=loss, tokens=int(batch["input_ids"].numel()),
         peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
         peak_reserved=torch.cuda.max_memory_reserved(device) if cuda else None,
-        nvml_peak_used=sampler.peak if sampler else None, nvml_baseline_used=baseline)
-
-
-@contextmanager
-def _null():
-    yield None
+        nvml_peak_used=sampler.peak, nvml_baseline_used=baseline)
 
 
 def saved_activation_bytes(model, batch: dict) -> SavedBytes:
