@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, fields
 
 MLP_MODES = ("token", "channel", "dense")
 SELECTIONS = ("topk", "threshold")
-SCORERS = ("oracle",)
+SCORERS = ("oracle", "predictor")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+MOVEMENT_KERNELS = ("torch", "triton")
+LOSS_KERNELS = ("torch", "triton", "liger")
 
 
 @dataclass
@@ -40,10 +42,17 @@ class LeMoConfig:
     mlp_channel_all_layers: bool = True
     # RMSNorms keep their input in the model dtype, not an fp32 copy (every layer; Llama family).
     efficient_norm: bool = True
-    # Who decides which blocks are informative: "oracle" = real Q.K^T block scores.
+    # Who decides which blocks are informative: "oracle" = real Q.K^T block scores; "predictor" = trained
+    # per-layer block predictors (lemo.predictors) loaded from `predictor_path`.
     scorer: str = "oracle"
+    predictor_path: str | None = None
     # Block-score implementation: "auto" = Triton on CUDA, segmented torch elsewhere.
     kernels: str = "auto"
+    # Row movement in sparse layers: "torch" = index_select + scatter_add_rows; "triton" = fused
+    # selective load (+ RMSNorm) and in-place residual add (lemo.kernels.movement).
+    movement_kernel: str = "torch"
+    # Per-segment cross-entropy: "torch", "triton" (lemo.kernels.cross_entropy) or "liger" (liger-kernel).
+    loss_kernel: str = "torch"
     # LM head + cross-entropy in segments of this many tokens (recomputed); 0 = plain HF loss.
     segment_loss_tokens: int = 4096
     # Eliminate in eval mode too (normally evaluation runs the dense model).
@@ -60,6 +69,12 @@ class LeMoConfig:
             raise ValueError(f"mlp_keep_channels must be in (0, 1], got {self.mlp_keep_channels}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.scorer == "predictor" and not self.predictor_path:
+            raise ValueError("scorer='predictor' needs predictor_path (a directory written by `lemo train-predictors`)")
+        if self.movement_kernel not in MOVEMENT_KERNELS:
+            raise ValueError(f"movement_kernel must be one of {MOVEMENT_KERNELS}, got {self.movement_kernel!r}")
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise ValueError(f"loss_kernel must be one of {LOSS_KERNELS}, got {self.loss_kernel!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         if self.block_size < 1:
