@@ -1,4 +1,5 @@
-# LeMo benchmark workflow: sweep -> one JSON record per point -> aggregate CSV -> figures.
+# LeMo benchmark workflow: sweep -> one JSON record per point -> aggregate CSV -> figures; and the
+# accuracy experiment (corpus -> pretraining -> predictors -> fine-tuning per method -> perplexity).
 #
 #   snakemake --cores all                                   # the sweep for the hardware present
 #   snakemake --cores all --workflow-profile workflows/profiles/h200   # pick a profile explicitly
@@ -8,6 +9,7 @@
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"
+include: "workflows/rules/accuracy.smk"
 
 
 rule all:
@@ -15,3 +17,5 @@ rule all:
         f"results/{NAME}/sweep.csv",
         f"results/{NAME}/summary.md",
         expand("figures/{name}/{model}.png", name=NAME, model=MODELS),
+        f"results/accuracy/{ACCURACY}/summary.md",
+        [f"results/{NAME}/kernels/summary.md"] if KERNELS else [],

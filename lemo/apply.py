@@ -23,7 +23,7 @@ from .layout import TokenLayout, make_layout
 from .mlp import channel_pruned_forward
 from .norm import is_rms_norm, rms_norm_forward
 from .models.adapters import Adapter, get_adapter, unwrap
-from .scoring import OracleScorer
+from .predictors import make_scorer
 from .segment_loss import segmented_lm_loss
 from .selection import Selection, block_valid, select_blocks, tokens_from_blocks
 
@@ -74,7 +74,7 @@ class LeMoLayer(nn.Module):
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
         run = functools.partial(sparse_layer, parts, sel=sel, position_embeddings=kwargs.get("position_embeddings"),
-                                mlp_mode=self.config.mlp_mode)
+                                mlp_mode=self.config.mlp_mode, movement=self.config.movement_kernel)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                 checkpoint, use_reentrant=False)
@@ -145,7 +145,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         adapter.parts(layers[i])  # fails early on unsupported layers (e.g. post-norm OPT)
 
     state = _ForwardState()
-    scorer = OracleScorer(config.kernels)
+    scorer = make_scorer(config, lm)
     originals = {}
     for i in sparse:
         originals[i] = layers[i]
@@ -223,5 +223,6 @@ def _segmented_forward(lm, original_forward, segment: int, input_ids=None, atten
     base = getattr(lm, lm.base_model_prefix)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
-    loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment)
+    loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment,
+                             kernel=lm._lemo.config.loss_kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)

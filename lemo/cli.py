@@ -91,6 +91,18 @@ def _info(args) -> int:
     return 0
 
 
+def _train_predictors(args) -> int:
+    from .predictors.commands import train_command
+
+    return train_command(args)
+
+
+def _eval_predictors(args) -> int:
+    from .predictors.commands import eval_command
+
+    return eval_command(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,8 +134,56 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="h200")
     p.add_argument("--reference-dir", default=None, help="directory with jenga_ae_a800.csv and h200_lora_baseline.csv")
     p.set_defaults(func=_report)
+    from .accuracy.cli import register as register_accuracy
+
+    register_accuracy(sub)
     p = sub.add_parser("info", help="machine, versions and attention backends available here")
     p.set_defaults(func=_info)
+    p = sub.add_parser("train-predictors", help="train per-layer block predictors against the oracle (lemo.predictors)")
+    p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
+    p.add_argument("--corpus", default=None, help="corpus directory (lemo.accuracy.corpus); not needed with --steps 0")
+    p.add_argument("--out", required=True, help="directory for predictors.safetensors + predictors.json")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--rope-factor", type=float, default=1.0,
+                   help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
+    p.add_argument("--steps", type=int, default=200, help="0 writes an untrained set (cost benchmarks)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--loss", choices=["smooth_l1", "mse"], default="smooth_l1")
+    p.add_argument("--widths", default="128,64", help="the two ReLU layer widths of each path")
+    p.add_argument("--per-head", action="store_true", help="separate weights per head (default: shared)")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--sparse-layers", default=None, help="comma-separated; default: LeMoConfig's schedule")
+    p.add_argument("--prune-every", type=int, default=50, help="elastic pruning period in steps (0: off)")
+    p.add_argument("--prune-fraction", type=float, default=0.1)
+    p.add_argument("--min-width", type=int, default=16)
+    p.add_argument("--split", default="train")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_train_predictors)
+    p = sub.add_parser("eval-predictors", help="per-layer recall of predictors vs the oracle (+ threshold tuning)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--predictors", required=True, help="directory written by train-predictors")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True, help="CSV of recall rows")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--rope-factor", type=float, default=1.0,
+                   help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--keep-ratio", type=float, default=0.4)
+    p.add_argument("--tune-thresholds", action="store_true")
+    p.add_argument("--target-recall", type=float, default=0.9)
+    p.add_argument("--metric", choices=["blocks", "mass"], default="blocks")
+    p.add_argument("--thresholds-out", default=None, help="JSON (default: OUT with .thresholds.json)")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_eval_predictors)
     args = parser.parse_args(argv)
     return args.func(args)
 

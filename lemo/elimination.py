@@ -6,6 +6,12 @@ attention function, so the backend is the one the model uses; ragged batches run
 output projection is added back into the residual stream at the kept rows. Eliminated tokens pass
 through unchanged, and nothing of theirs is saved for backward: index_select and scatter_add_rows keep
 only indices, every other saved tensor has kept-token length.
+
+movement="triton" (LeMoConfig.movement_kernel) moves rows with lemo.kernels.movement instead: a fused
+selective load + RMSNorm that saves no gathered copy, RoPE read at the original positions from the
+full cos/sin tables, and in-place residual adds into the layer's input (or into one clone of it where
+the input must survive: under checkpointing, see writable_residual), so no full-length out-of-place
+copies of the residual stream are made.
 """
 
 from __future__ import annotations
@@ -100,8 +106,12 @@ def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
-                 mlp_mode: str) -> torch.Tensor:
+                 mlp_mode: str, movement: str = "torch") -> torch.Tensor:
     """hidden (B, L, D) -> (B, L, D) with attention (and, in token mode, the MLP) on kept tokens only."""
+    if movement == "triton":
+        return _sparse_layer_triton(parts, hidden, sel, position_embeddings, mlp_mode)
+    if movement != "torch":
+        raise ValueError(f"movement must be 'torch' or 'triton', got {movement!r}")
     b, length, d = hidden.shape
     flat = hidden.reshape(b * length, d)
     positions = gather_positions(position_embeddings, sel, length) if parts.rope else None
@@ -115,3 +125,41 @@ def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, positi
         m = parts.mlp(parts.mlp_norm(flat))
         flat = flat + _dropout(parts, m)
     return flat.view(b, length, d)
+
+
+def _attention_update_triton(parts: LayerParts, base: torch.Tensor, sel: Selection, position_embeddings,
+                             length: int) -> torch.Tensor:
+    """attention_update with fused row movement: load + norm from the full hidden state, RoPE at the
+    original positions read from the full cos/sin tables."""
+    from .kernels import movement as mv
+
+    t = sel.total
+    h = mv.load_norm(parts.attn_norm, base, sel.index)
+    q = parts.q_proj(h)
+    if parts.q_prescale != 1.0:
+        q = q * parts.q_prescale
+    q = q.view(t, parts.num_heads, parts.head_dim)
+    k = parts.k_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
+    v = parts.v_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
+    if parts.rope:
+        cos, sin = position_embeddings
+        q = mv.rope_rows(q, cos, sin, sel.index, length)
+        k = mv.rope_rows(k, cos, sin, sel.index, length)
+    return _dropout(parts, parts.o_proj(attend_kept(parts, q, k, v, sel)))
+
+
+def _sparse_layer_triton(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
+                         mlp_mode: str) -> torch.Tensor:
+    from .kernels import movement as mv
+
+    length = hidden.shape[1]
+    base = mv.writable_residual(hidden)  # the input itself, or one clone where it must survive
+    if sel.total:
+        base = mv.add_rows_(base, sel.index, _attention_update_triton(parts, base, sel, position_embeddings, length))
+    if mlp_mode == "token":
+        if sel.total:
+            m = parts.mlp(mv.load_norm(parts.mlp_norm, base, sel.index))
+            base = mv.add_rows_(base, sel.index, _dropout(parts, m))
+        return base
+    # dense MLP forward on all tokens: its norm saves `base`, so this add stays out of place
+    return base + _dropout(parts, parts.mlp(parts.mlp_norm(base)))

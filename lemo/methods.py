@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from baselines import lora
+from baselines import longlora, lora
 
 from .apply import apply_lemo, remove_lemo
 from .config import LeMoConfig
@@ -39,6 +39,9 @@ METHODS: dict[str, Method] = {
     "lora": Method(lora.setup, _teardown_lora, lambda o: f"PEFT {lora.LoraOptions(**o.get('lora', {}))}"),
     "lemo": Method(_setup_lemo, _teardown_lemo,
                    lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json()),
+    "longlora": Method(longlora.setup, longlora.teardown,
+                       lambda o: f"PEFT {lora.LoraOptions(**o.get('lora', {}))} + LongLoRA "
+                                 f"{longlora.LongLoraOptions(**o.get('longlora', {}))}"),
 }
 
 

@@ -5,9 +5,13 @@ transient peak of several GB. Here logits exist for one segment of tokens at a t
 keeps only the loss, the backward recomputes each segment's logits and accumulates the gradient of
 the hidden state (and of the head weight, when it trains). Same loss as Hugging Face's causal-LM
 loss: logits in the model dtype, upcast to fp32, mean over labelled next-token positions.
+`segmented_lm_loss(kernel=...)` also dispatches to the Triton fused head + cross-entropy
+(lemo.kernels.cross_entropy) and to liger-kernel's fused linear cross-entropy.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +66,51 @@ class SegmentedCrossEntropy(torch.autograd.Function):
                 grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
+LOSS_KERNELS = ("torch", "triton", "liger")
+
+
 def segmented_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                      segment: int = 4096) -> torch.Tensor:
-    """Mean next-token cross-entropy of `head(hidden)` against `labels` (B, L), segment by segment."""
+                      segment: int = 4096, kernel: str = "torch") -> torch.Tensor:
+    """Mean next-token cross-entropy of `head(hidden)` against `labels` (B, L), segment by segment.
+
+    `kernel`: "torch" (SegmentedCrossEntropy: loss in the forward, logits recomputed in the backward),
+    "triton" (lemo.kernels.cross_entropy.FusedLinearCrossEntropy: gradients made in the forward with an
+    in-place Triton cross-entropy kernel, no recompute) or "liger" (liger-kernel's fused linear
+    cross-entropy; it picks its own chunk size from V / D and ignores `segment`). A backend that cannot
+    run here raises; there is no silent fallback.
+    """
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"loss kernel must be one of {LOSS_KERNELS}, got {kernel!r}")
     if segment < 1:
         raise ValueError(f"segment must be >= 1 token, got {segment}")
     b, length, d = hidden.shape
     if tuple(labels.shape) != (b, length):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states {(b, length)}")
     targets = shift_labels(labels).reshape(-1).to(hidden.device)
-    return SegmentedCrossEntropy.apply(hidden.reshape(b * length, d), head.weight, head.bias, targets, segment)
+    flat = hidden.reshape(b * length, d)
+    if kernel == "triton":
+        from .kernels.cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(flat, head.weight, head.bias, targets, segment)
+    if kernel == "liger":
+        return _liger_loss(flat, head.weight, head.bias, targets)
+    return SegmentedCrossEntropy.apply(flat, head.weight, head.bias, targets, segment)
+
+
+def _liger_loss(hidden, weight, bias, targets):
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as err:
+        raise ValueError("loss_kernel='liger' needs liger-kernel (`pip install liger-kernel`), which could not be "
+                         f"imported: {err}") from err
+    if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(f"liger-kernel's fused linear cross-entropy needs CUDA tensors, got {hidden.device} "
+                           "(or TRITON_INTERPRET=1); use loss_kernel='torch'")
+    trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and trains_head and not hidden.requires_grad:
+        # Liger computes the head's gradients only when its input requires grad.
+        hidden = hidden.detach().requires_grad_(True)
+    # Same semantics as the torch path: model-dtype logits upcast to fp32, mean over labelled tokens,
+    # head gradients accumulated in fp32.
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index=IGNORE_INDEX,
+                                            reduction="mean", accum_dtype=torch.float32)

@@ -4,6 +4,12 @@ import sys
 
 from lemo.sweep import jobs, load_sweep
 
+wildcard_constraints:
+    name="[^/]+",
+    kernel="[a-z_]+",
+    model="[A-Za-z0-9_.-]+",
+
+
 PY = sys.executable  # the interpreter running snakemake has lemo installed
 
 
@@ -25,3 +31,20 @@ SWEEP = load_sweep(SWEEP_FILE)
 NAME = SWEEP["name"]
 JOBS = {job.id: job for job in jobs(SWEEP)}
 MODELS = sorted({job.model for job in JOBS.values()})
+
+# Accuracy experiment (workflows/accuracy/NAME.yaml): the 17M-parameter model on a GPU, a tiny one on CPU.
+ACCURACY = config.get("accuracy") or ("small" if NAME.startswith("h200") else "ci")
+ACCURACY_FILE = f"workflows/accuracy/{ACCURACY}.yaml"
+with open(ACCURACY_FILE) as _f:
+    import yaml as _yaml
+
+    _acc = _yaml.safe_load(_f)
+ACCURACY_METHODS = sorted(_acc["methods"])
+# Methods whose options name the predictor directory ("{predictors}") wait for train-predictors.
+ACC_NEEDS_PREDICTORS = {m for m, o in _acc["methods"].items() if "{predictors}" in str(o)}
+ACC_PRED = _acc.get("predictors", {})  # context, steps, batch for train-predictors
+ACC_ROPE = _acc["finetune"]["rope_factor"]
+# A real checkpoint and text corpus instead of the built-in ones:
+#   snakemake --cores all --config accuracy_model=/path/to/hf_checkpoint accuracy_corpus=/path/to/texts
+ACC_MODEL = config.get("accuracy_model")
+ACC_SOURCE = config.get("accuracy_corpus")

@@ -1,5 +1,13 @@
+def predictor_inputs(wildcards):
+    """Predictor directories that the job's methods name (made by rule untrained_predictors)."""
+    paths = {p.options.get("lemo", {}).get("predictor_path") for p in JOBS[wildcards.job].points}
+    return sorted(p for p in paths if p)
+
+
 rule measure:
     """One job = one model at one checkpointing setting: every backend, context and method in it."""
+    input:
+        predictor_inputs,
     output:
         directory("results/{name}/records/{job}"),
     log:
@@ -47,3 +55,43 @@ rule report:
         "results/{name}/logs/summary.log",
     shell:
         "{PY} -m lemo report {input.csv} --reference-dir results/reference --out {output} > {log} 2>&1"
+
+
+# Kernel microbenchmarks on the GPU (workflows/scripts/bench_KERNEL.py): one CSV per kernel with
+# provenance, then one table + figure set. Only GPU sweeps list them (config `kernels` in the sweep).
+KERNELS = SWEEP.get("kernel_benchmarks", [])
+
+
+rule bench_kernel:
+    output:
+        "results/{name}/kernels/{kernel}.csv",
+    log:
+        "results/{name}/logs/kernels/{kernel}.log",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "{PY} workflows/scripts/bench_{wildcards.kernel}.py {output} > {log} 2>&1"
+
+
+rule kernel_report:
+    input:
+        expand("results/{{name}}/kernels/{kernel}.csv", kernel=KERNELS),
+    output:
+        "results/{name}/kernels/summary.md",
+    log:
+        "results/{name}/logs/kernels/report.log",
+    shell:
+        "{PY} -m lemo kernel-report {input} --out {output} --figures figures/{wildcards.name}/kernels > {log} 2>&1"
+
+
+rule untrained_predictors:
+    """Predictors with initial weights for a registry model with random weights: for cost measurements."""
+    output:
+        directory("data/predictors/{model}"),
+    log:
+        "logs/predictors_{model}.log",
+    resources:
+        gpu=1,
+    shell:
+        "{PY} -m lemo train-predictors --model {wildcards.model} --steps 0 --out {output} > {log} 2>&1"

@@ -1,0 +1,110 @@
+"""`lemo corpus | pretrain | finetune | eval-base | accuracy-report`: the accuracy workflow's steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _corpus(args) -> int:
+    from .corpus import prepare_corpus
+    from .experiment import load_experiment
+
+    opts = load_experiment(Path(args.experiment)).corpus if args.experiment else {}
+    stats = prepare_corpus(Path(args.out), source=Path(args.source) if args.source else None,
+                           cache=Path(args.cache) if args.cache else None,
+                           tokenizer=Path(args.tokenizer) if args.tokenizer else None, **opts)
+    print(json.dumps({k: v for k, v in stats.items()}, indent=1))
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .experiment import load_experiment
+    from .pretrain import pretrain
+
+    exp = load_experiment(Path(args.experiment))
+    summary = pretrain(Path(args.corpus), Path(args.out), exp.pretrain, device=_device(args.device))
+    print(f"{summary['parameters']} parameters, {summary['tokens_seen']} tokens, "
+          f"held-out loss {summary['final_heldout_loss']:.3f}, {summary['seconds']:.0f} s")
+    return 0
+
+
+def _finetune(args) -> int:
+    from .experiment import load_experiment
+    from .finetune import finetune
+
+    exp = load_experiment(Path(args.experiment))
+    for label in args.methods:
+        options = exp.method_options(label, Path(args.predictors) if args.predictors else None)
+        finetune(Path(args.model), Path(args.corpus), Path(args.out), label, options, exp.finetune,
+                 device=_device(args.device))
+    return 0
+
+
+def _eval_base(args) -> int:
+    from .experiment import load_experiment
+    from .finetune import evaluate_base
+
+    exp = load_experiment(Path(args.experiment))
+    evaluate_base(Path(args.model), Path(args.corpus), Path(args.out), exp.finetune, device=_device(args.device))
+    return 0
+
+
+def _accuracy_report(args) -> int:
+    from .report import write_report
+
+    paths = write_report(Path(args.runs), Path(args.out), Path(args.figures), readme=Path(args.readme)
+                         if args.readme else None, name=args.name)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("corpus", help="build the offline corpus: documents, split, BPE tokenizer, token arrays")
+    p.add_argument("--out", required=True)
+    p.add_argument("--experiment", default=None, help="experiment YAML (its corpus section)")
+    p.add_argument("--source", default=None, help="your own corpus: a directory of text files or a .jsonl")
+    p.add_argument("--cache", default=None, help="where the Debian packages are downloaded (default OUT/debian)")
+    p.add_argument("--tokenizer", default=None, help="a checkpoint's tokenizer.json (default: train a BPE)")
+    p.set_defaults(func=_corpus)
+    p = sub.add_parser("pretrain", help="pretrain the experiment's small Llama on the corpus")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_pretrain)
+    p = sub.add_parser("finetune", help="context-extension fine-tuning + perplexity + passkey, per method")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", nargs="+", required=True, help="method labels of the experiment")
+    p.add_argument("--predictors", default=None, help="predictor directory for predictor-driven methods")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_finetune)
+    p = sub.add_parser("eval-base", help="perplexity + passkey of the model before fine-tuning")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_eval_base)
+    p = sub.add_parser("accuracy-report", help="fine-tuning runs -> accuracy CSV, table, figures")
+    p.add_argument("runs", help="directory holding one sub-directory per run (eval.json, loss.csv)")
+    p.add_argument("--out", required=True, help="results directory for accuracy.csv and summary.md")
+    p.add_argument("--figures", required=True)
+    p.add_argument("--readme", default=None)
+    p.add_argument("--name", default="small")
+    p.set_defaults(func=_accuracy_report)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `lemo` command")

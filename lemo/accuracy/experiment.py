@@ -1,0 +1,55 @@
+"""An accuracy experiment file (workflows/accuracy/*.yaml): corpus, pretraining, fine-tuning, methods.
+
+`methods` maps a label to method options (as the sweep's). The string "{predictors}" in an option is
+replaced by the predictor directory, so the predictor-driven LeMo run names its predictors' path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .finetune import FinetuneConfig
+from .pretrain import PretrainConfig
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class Experiment:
+    name: str
+    corpus: dict
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    methods: dict
+    predictors: dict
+
+    def method_options(self, label: str, predictors: Path | None = None) -> dict:
+        if label not in self.methods:
+            raise ValueError(f"unknown method label {label!r}; this experiment has {sorted(self.methods)}")
+        text = json.dumps(self.methods[label])
+        if "{predictors}" in text:
+            if predictors is None:
+                raise ValueError(f"method {label!r} uses trained predictors: pass --predictors DIR")
+            text = text.replace("{predictors}", str(predictors))
+        return json.loads(text)
+
+
+def load_experiment(path: Path) -> Experiment:
+    data = yaml.safe_load(Path(path).read_text())
+    missing = {"name", "pretrain", "finetune", "methods"} - set(data)
+    if missing:
+        raise ValueError(f"{path}: missing sections {sorted(missing)}")
+    return Experiment(name=data["name"], corpus=data.get("corpus", {}),
+                      pretrain=_build(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
+                      finetune=_build(FinetuneConfig, data["finetune"], f"{path}: finetune"),
+                      methods=data["methods"], predictors=data.get("predictors", {}))

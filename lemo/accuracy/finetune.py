@@ -1,0 +1,156 @@
+"""Context-extension fine-tuning (what the paper evaluates), then perplexity and passkey retrieval.
+
+The pretrained model's RoPE is scaled linearly (position interpolation) by `rope_factor`, and each
+method fine-tunes it at the extended context with the same data order, steps, seed and LoRA
+(r=8 on q,k,v,o): `lora`, `longlora`, `lemo` in either MLP mode, `lemo` with trained predictors.
+Evaluation runs the dense model (LeMo and S2-Attn are training-time only) with the adapters on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..methods import get_method
+from .corpus import batches, long_documents
+from .passkey import passkey_accuracy
+from .perplexity import perplexity
+
+
+@dataclass
+class FinetuneConfig:
+    context: int = 8192
+    rope_factor: float = 8.0
+    batch_size: int = 8
+    steps: int = 200
+    lr: float = 1e-3
+    warmup: int = 20
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    eval_contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    eval_tokens_per_doc: int = 16384
+    eval_batch_size: int = 4
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
+    passkey_trials: int = 20
+
+
+def load_extended(model_dir: Path, rope_factor: float, device, dtype=torch.bfloat16, attn: str = "sdpa"):
+    """The checkpoint with RoPE linearly scaled by `rope_factor` (1 = as saved)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if rope_factor != 1.0:
+        if params.get("rope_type", "default") not in ("default", "linear"):
+            raise ValueError(f"{model_dir} uses rope_type {params.get('rope_type')!r}; linear scaling needs a "
+                             "default or linear RoPE")
+        base = float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
+        params.update(rope_type="linear", factor=base * rope_factor)
+        cfg.rope_parameters = params
+    cfg.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=dtype, attn_implementation=attn)
+    return model.to(device)
+
+
+def load_tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: passkey needs the model's fast tokenizer (tokenizer.json)")
+    return Tokenizer.from_file(str(path))
+
+
+def _lr(step: int, cfg: FinetuneConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
+def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> list[dict]:
+    """Perplexity at each eval context (same tokens for all) and passkey accuracy at each length."""
+    docs = long_documents(corpus_dir, "heldout", cfg.eval_tokens_per_doc)
+    rows = []
+    for context in cfg.eval_contexts:
+        r = perplexity(model, docs, context, cfg.eval_tokens_per_doc, batch_size=cfg.eval_batch_size)
+        rows.append({"metric": "perplexity", "context": context, "value": r["ppl"], "nll": r["nll"],
+                     "tokens": r["tokens"], "documents": len(docs)})
+    tok = load_tokenizer(model_dir)
+    for length in cfg.passkey_lengths:
+        r = passkey_accuracy(model, tok, length, trials=cfg.passkey_trials, seed=cfg.seed)
+        rows.append({"metric": "passkey", "context": length, "value": r["accuracy"],
+                     "token_accuracy": r["token_accuracy"], "trials": r["trials"]})
+    return rows
+
+
+def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, options: dict, cfg: FinetuneConfig,
+             device: str = "cuda") -> list[dict]:
+    """Fine-tune with method `options["method"]`, write loss curve + eval rows under out_dir/label."""
+    from ..provenance import provenance
+
+    device = torch.device(device)
+    out = Path(out_dir) / label
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = load_extended(model_dir, cfg.rope_factor, device)
+    method = get_method(options["method"])
+    model = method.setup(model, options)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    log = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for step, ids in enumerate(batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed)):
+        ids = ids.to(device)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start})
+        if step % 20 == 0 or step == cfg.steps - 1:
+            print(f"[{label}] step {step + 1} loss {log[-1]['loss']:.4f} {log[-1]['seconds']:.1f}s", flush=True)
+    train_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(log[0]))
+        w.writeheader()
+        w.writerows(log)
+    rows = evaluate(model, model_dir, corpus_dir, cfg)
+    meta = {"label": label, "method": options["method"], "options": json.dumps(options, sort_keys=True),
+            "train_seconds": train_seconds, "train_peak_gib": peak, "final_loss": log[-1]["loss"],
+            "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
+            **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
+    rows = [{**meta, **r} for r in rows]
+    (out / "eval.json").write_text(json.dumps(rows, indent=1, default=str))
+    return rows
+
+
+def evaluate_base(model_dir: Path, corpus_dir: Path, out_dir: Path, cfg: FinetuneConfig, device: str = "cuda"):
+    """The pretrained model before fine-tuning: as saved, and with RoPE scaled but not fine-tuned."""
+    from ..provenance import provenance
+
+    device = torch.device(device)
+    rows = []
+    for label, factor in (("pretrained", 1.0), ("pretrained+PI", cfg.rope_factor)):
+        model = load_extended(model_dir, factor, device)
+        meta = {"label": label, "method": "none", "options": json.dumps({"rope_factor": factor}),
+                "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
+                **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
+        rows += [{**meta, **r} for r in evaluate(model, model_dir, corpus_dir, cfg)]
+        out = Path(out_dir) / label
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps([r for r in rows if r["label"] == label], indent=1, default=str))
+    return rows

@@ -1,0 +1,143 @@
+"""Pretraining the small Llama whose accuracy we can measure (no checkpoint can be downloaded here).
+
+A Llama-architecture model (RMSNorm, SwiGLU, RoPE; tied embeddings to keep it small) trained from
+scratch at a short context on the offline corpus: fp32 master weights, bf16 autocast on CUDA, AdamW,
+linear warmup then cosine decay. The held-out loss is measured on fixed windows during training. The
+checkpoint is a Hugging Face directory (bf16 safetensors in shards under 15 MB, so it can travel)
+with the tokenizer beside it and `pretrain.json` saying how it was made.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .corpus import load_split, sample_windows
+
+
+@dataclass
+class PretrainConfig:
+    hidden_size: int = 384
+    intermediate_size: int = 1024
+    num_layers: int = 8
+    num_heads: int = 6  # head_dim 64
+    context: int = 1024
+    rope_theta: float = 10000.0
+    batch_size: int = 64
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_every: int = 250
+    eval_windows: int = 64
+    # Stop early (and say so in pretrain.json) if wall time runs out; the step count stays the recipe.
+    max_minutes: float | None = None
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.context,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=0)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def heldout_loss(model, windows: torch.Tensor, batch_size: int, device) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            total += model(input_ids=ids, labels=ids).loss.item() * len(ids)
+    model.train()
+    return total / len(windows)
+
+
+def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str = "cuda") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..provenance import provenance
+
+    device = torch.device(device)
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = json.loads((corpus_dir / "stats.json").read_text())["vocab_size"]
+    torch.manual_seed(cfg.seed)
+    hf_cfg = model_config(cfg, vocab)
+    hf_cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    held = sample_windows(corpus_dir, "heldout", cfg.context, cfg.eval_windows, seed=12345)
+    train_tokens = len(load_split(corpus_dir, "train").tokens)
+    log, start, stopped_early = [], time.perf_counter(), False
+    model.train()
+    step = 0
+    for step in range(cfg.steps):
+        ids = sample_windows(corpus_dir, "train", cfg.context, cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+        ids = ids.to(device, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = step == cfg.steps - 1
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+        if step % 25 == 0 or last or out_of_time or (step + 1) % cfg.eval_every == 0:
+            row = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.context, "lr": lr_at(step, cfg),
+                   "train_loss": loss.item(), "heldout_loss": None, "seconds": time.perf_counter() - start}
+            if (step + 1) % cfg.eval_every == 0 or last or out_of_time:
+                row["heldout_loss"] = heldout_loss(model, held, cfg.batch_size, device)
+            log.append(row)
+            print(f"step {row['step']:5d} loss {row['train_loss']:.3f} heldout {row['heldout_loss']} "
+                  f"{row['seconds']:.0f}s", flush=True)
+        if out_of_time and not last:
+            stopped_early = True
+            break
+    seconds = time.perf_counter() - start
+    model = model.to(torch.bfloat16)
+    model.config.max_position_embeddings = cfg.context
+    model.save_pretrained(out_dir, max_shard_size="15MB")
+    shutil.copy(corpus_dir / "tokenizer.json", out_dir / "tokenizer.json")
+    with (out_dir / "pretrain_log.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(log[0]))
+        w.writeheader()
+        w.writerows(log)
+    weights = hashlib.sha256()
+    for path in sorted(out_dir.glob("*.safetensors")):
+        weights.update(path.read_bytes())
+    summary = {"config": asdict(cfg), "parameters": params, "steps_done": step + 1, "stopped_early": stopped_early,
+               "tokens_seen": (step + 1) * cfg.batch_size * cfg.context, "train_tokens": train_tokens,
+               "epochs": (step + 1) * cfg.batch_size * cfg.context / train_tokens, "seconds": seconds,
+               "final_train_loss": log[-1]["train_loss"], "final_heldout_loss": log[-1]["heldout_loss"],
+               "weights_sha256": weights.hexdigest(),
+               "corpus": json.loads((corpus_dir / "stats.json").read_text()),
+               "provenance": provenance(device)}
+    (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,210 @@
+"""Accuracy results: runs -> accuracy.csv, a perplexity table like the paper's, and figures.
+
+Reads every `RUNS/<label>/eval.json` (and loss.csv), plus `RUNS/pretrain/pretrain_log.csv` and
+`pretrain.json` when present. Relative perplexity is against dense `lora` at the same context, with
+the paper's Llama-2-7B deltas (LoRA -> LeMo) beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..report import update_readme  # noqa: E402
+
+# The paper (LeMo, Table: perplexity after context extension, Llama-2-7B), LoRA -> LeMo.
+PAPER = [("PG19", 16384, 6.87, 7.08), ("proof-pile", 16384, 2.57, 2.70)]
+ORDER = ["pretrained", "pretrained+PI", "lora", "longlora", "lemo-token", "lemo-channel", "lemo-predictor"]
+
+
+def collect(runs: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(Path(runs).glob("*/eval.json")):
+        rows += json.loads(path.read_text())
+    if not rows:
+        raise FileNotFoundError(f"no */eval.json under {runs}: run `lemo finetune` / `lemo eval-base` first")
+    return pd.DataFrame(rows)
+
+
+def _ctx(c: int) -> str:
+    return f"{c // 1024}K" if c % 1024 == 0 else str(c)
+
+
+def _order(labels) -> list[str]:
+    return [m for m in ORDER if m in set(labels)] + sorted(set(labels) - set(ORDER))
+
+
+def perplexity_table(frame: pd.DataFrame, baseline: str = "lora") -> str:
+    ppl = frame[frame.metric == "perplexity"].pivot_table(index="label", columns="context", values="value")
+    ppl = ppl.reindex(_order(ppl.index))
+    contexts = list(ppl.columns)
+    head = ["method"] + [_ctx(c) for c in contexts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in ppl.iterrows():
+        cells = [label]
+        for c in contexts:
+            v = row[c]
+            cell = f"{v:.3f}"
+            if baseline in ppl.index and label not in (baseline, "pretrained", "pretrained+PI"):
+                cell += f" ({100 * (v / ppl.loc[baseline, c] - 1):+.1f}%)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def passkey_table(frame: pd.DataFrame) -> str:
+    pk = frame[frame.metric == "passkey"]
+    if pk.empty:
+        return ""
+    acc = pk.pivot_table(index="label", columns="context", values="value")
+    tok = pk.pivot_table(index="label", columns="context", values="token_accuracy")
+    acc, tok = acc.reindex(_order(acc.index)), tok.reindex(_order(tok.index))
+    head = ["method"] + [_ctx(c) for c in acc.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in acc.index:
+        lines.append("| " + " | ".join([label] + [f"{acc.loc[label, c]:.2f} ({tok.loc[label, c]:.2f})"
+                                                 for c in acc.columns]) + " |")
+    return "\n".join(lines)
+
+
+def training_table(frame: pd.DataFrame) -> str:
+    t = frame[frame.method != "none"].drop_duplicates("label").set_index("label")
+    t = t.reindex([m for m in _order(t.index)])
+    lines = ["| method | final train loss | train time (s) | train peak (GiB) |", "|---|---|---|---|"]
+    for label, r in t.iterrows():
+        peak = "" if pd.isna(r.get("train_peak_gib")) else f"{r['train_peak_gib']:.2f}"
+        lines.append(f"| {label} | {r['final_loss']:.4f} | {r['train_seconds']:.1f} | {peak} |")
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    lines = ["| paper (Llama-2-7B) | context | LoRA | LeMo | delta |", "|---|---|---|---|---|"]
+    for data, ctx, lora, lemo in PAPER:
+        lines.append(f"| {data} | {ctx // 1024}K | {lora:.2f} | {lemo:.2f} | {100 * (lemo / lora - 1):+.1f}% |")
+    return "\n".join(lines)
+
+
+def predictor_section(pred_dir: Path) -> str:
+    """Predictor size, training and recall of the oracle's kept blocks (top-k and tuned thresholds)."""
+    recall_csv, meta_json = pred_dir / "recall.csv", pred_dir / "predictors.json"
+    if not recall_csv.exists():
+        return ""
+    parts = []
+    if meta_json.exists():
+        meta = json.loads(meta_json.read_text())
+        tr = meta.get("training", {})
+        curve = tr.get("loss_curve") or []
+        widths = {k: v.get("widths") for k, v in meta.get("layers", {}).items()} if isinstance(
+            meta.get("layers"), dict) else {}
+        parts.append(f"Predictors: {meta['parameters'] / 1e6:.2f}M parameters for sparse layers "
+                     f"{meta['sparse_layers']}, trained {tr.get('steps', 0)} steps ({tr.get('tokens', 0) / 1e6:.1f}M "
+                     f"tokens, {tr.get('seconds', 0):.0f} s) against the oracle's block maps"
+                     + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+                     + (f"; widths after elastic pruning {widths}" if widths else "") + ".")
+    r = pd.read_csv(recall_csv)
+    lines = ["| selection | layer | recall | attention-mass recall | kept fraction | threshold |", "|---|---|---|---|---|---|"]
+    for row in r.itertuples():
+        thr = "" if pd.isna(row.threshold) else f"{row.threshold:.3f}"
+        lines.append(f"| {row.selection} | {row.layer} | {row.recall:.3f} | {row.mass_recall:.3f} | "
+                     f"{row.kept_fraction:.3f} | {thr} |")
+    parts += ["**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%):", "\n".join(lines)]
+    return "\n\n".join(parts)
+
+
+def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = None) -> str:
+    parts = []
+    if pretrain:
+        cfg = pretrain["config"]
+        corpus = pretrain.get("corpus", {})
+        parts.append(
+            f"Model: Llama architecture, {pretrain['parameters'] / 1e6:.1f}M parameters ({cfg['num_layers']} layers, "
+            f"hidden {cfg['hidden_size']}, {cfg['num_heads']} heads), pretrained at {cfg['context']} tokens for "
+            f"{pretrain['steps_done']} steps ({pretrain['tokens_seen'] / 1e6:.0f}M tokens, "
+            f"{pretrain['epochs']:.1f} epochs of {corpus.get('train', {}).get('tokens', 0) / 1e6:.1f}M train tokens) in "
+            f"{pretrain['seconds']:.0f} s; held-out loss {pretrain['final_heldout_loss']:.3f}. Weights sha256 "
+            f"`{pretrain['weights_sha256'][:16]}`.")
+    ft = frame[frame.method != "none"]
+    if not ft.empty:
+        cfg = json.loads(ft.finetune_config.iloc[0])
+        parts.append(f"Fine-tuning: RoPE linear x{cfg['rope_factor']:g} to {cfg['context']} tokens, {cfg['steps']} steps of "
+                     f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, same data "
+                     "order for every method. Evaluation: dense model (adapters on), same held-out tokens at every "
+                     f"context ({int(frame[frame.metric == 'perplexity'].documents.iloc[0])} documents x "
+                     f"{cfg['eval_tokens_per_doc']} tokens).")
+    prov = frame.iloc[0]
+    parts.append(f"Measured on {prov.get('gpu', '?')}, torch {prov.get('torch', '?')}, transformers "
+                 f"{prov.get('transformers', '?')}, commit `{str(prov.get('git_commit', '?'))[:10]}`.")
+    parts += ["**Perplexity** (relative to dense LoRA at the same context):", perplexity_table(frame),
+              "**Passkey retrieval** (exact answers; per-token accuracy in brackets):", passkey_table(frame),
+              "**Training**:", training_table(frame), "**The paper's reference deltas**:", paper_table()]
+    if pred_dir is not None:
+        parts.append(predictor_section(pred_dir))
+    return "\n\n".join(p for p in parts if p)
+
+
+def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ppl = frame[frame.metric == "perplexity"]
+    for label in _order(ppl.label):
+        d = ppl[ppl.label == label].sort_values("context")
+        ax.plot(d.context, d.value, marker="o", label=label, linestyle="--" if label.startswith("pretrained") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation context (tokens)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Perplexity after context extension")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "perplexity.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    losses = sorted(Path(runs).glob("*/loss.csv"))
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for path in sorted(losses, key=lambda p: _order([q.parent.name for q in losses]).index(p.parent.name)):
+            d = pd.read_csv(path)
+            ax.plot(d.step, d.loss.rolling(10, min_periods=1).mean(), label=path.parent.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (10-step mean)")
+        ax.set_title("Context-extension fine-tuning")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "finetune_loss.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    log = Path(runs) / "pretrain" / "pretrain_log.csv"
+    if log.exists():
+        d = pd.read_csv(log)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(d.tokens / 1e6, d.train_loss, label="train")
+        h = d.dropna(subset=["heldout_loss"])
+        ax.plot(h.tokens / 1e6, h.heldout_loss, marker="o", label="held-out")
+        ax.set_xlabel("tokens seen (M)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title("Pretraining")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "pretrain_loss.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(runs: Path, out: Path, figure_dir: Path, readme: Path | None = None, name: str = "small") -> list[Path]:
+    frame = collect(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "accuracy.csv", index=False)
+    pre = Path(runs) / "pretrain" / "pretrain.json"
+    text = summary(frame, json.loads(pre.read_text()) if pre.exists() else None, out / "predictors")
+    (out / "summary.md").write_text(text + "\n")
+    paths = [out / "accuracy.csv", out / "summary.md"] + figures(frame, runs, figure_dir)
+    if readme:
+        update_readme(readme, f"accuracy-{name}", text)
+    return paths

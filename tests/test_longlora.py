@@ -1,0 +1,284 @@
+"""LongLoRA against an independent reference: plain attention on explicitly shifted groups.
+
+The reference loops over groups, rolls the second half of the (repeated) heads with torch.roll and
+runs a causal softmax; it shares no code with baselines/longlora.py.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.modeling_utils import AttentionInterface
+
+from baselines import longlora
+from baselines.lora import apply_lora
+from lemo.methods import get_method
+from lemo.models.registry import build_model
+from tests.helpers import assert_grads_close, lora_grads
+
+LLAMA_FAMILIES = ["llama2-tiny", "llama3-tiny", "qwen2.5-tiny"]
+BACKENDS = ["sdpa", "eager"]
+
+
+def reference_s2(q, k, v, ratio, scaling):
+    """S2-Attn written out: q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, L, H, D)."""
+    b, heads, length, d = q.shape
+    rep = heads // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    g = int(length * ratio)
+    shift = g // 2
+    shifted = (torch.arange(heads) >= heads // 2)[None, :, None, None]
+    q, k, v = (torch.where(shifted, x.roll(-shift, 2), x) for x in (q, k, v))
+    causal = torch.ones(g, g, dtype=torch.bool).tril()
+    out = torch.zeros(b, heads, length, d, dtype=q.dtype)
+    for start in range(0, length, g):
+        sl = slice(start, start + g)
+        scores = (q[:, :, sl] @ k[:, :, sl].transpose(-1, -2)) * scaling
+        out[:, :, sl] = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, :, sl]
+    out = torch.where(shifted, out.roll(shift, 2), out)
+    return out.transpose(1, 2)
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    assert module.training
+    return reference_s2(query, key, value, 0.25, scaling), None
+
+
+AttentionInterface.register("test_reference_s2", _reference_attention)
+
+
+def _attention_module(heads, kv_heads, head_dim=16):
+    cfg = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    return LlamaAttention(cfg, layer_idx=0).train()
+
+
+# ---- attention-function level ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 4), (8, 2), (6, 2)])
+@pytest.mark.parametrize("length", [64, 40])
+def test_s2_function_matches_reference(backend, heads, kv_heads, length):
+    module = _attention_module(heads, kv_heads)
+    q = torch.randn(2, heads, length, 16, requires_grad=True)
+    k = torch.randn(2, kv_heads, length, 16, requires_grad=True)
+    v = torch.randn(2, kv_heads, length, 16, requires_grad=True)
+    fn = longlora.make_s2_attention(backend, 0.25)
+    out, _ = fn(module, q, k, v, None, scaling=module.scaling, dropout=0.0)
+    ref = reference_s2(q, k, v, 0.25, module.scaling)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_s2_is_local_to_shifted_groups():
+    """A token's output depends only on tokens of its group (unshifted heads) / shifted group (others)."""
+    module = _attention_module(4, 2)
+    fn = longlora.make_s2_attention("sdpa", 0.25)
+    q, k, v = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    base, _ = fn(module, q, k, v, None, scaling=0.25)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 9], v2[:, :, 9] = 5.0, 5.0  # token 9: group 1 (8..15), shifted group 4..11
+    out, _ = fn(module, q, k2, v2, None, scaling=0.25)
+    changed = (out - base).abs().amax(-1)[0] > 0  # (L, H)
+    rows = torch.arange(32)
+    assert torch.equal(changed[:, :2].any(1), (rows >= 9) & (rows < 16))  # unshifted heads (kv head 0)
+    assert torch.equal(changed[:, 2:].any(1), (rows >= 9) & (rows < 12))  # shifted heads (kv head 1)
+
+
+def test_s2_function_in_eval_mode_is_the_inner_implementation():
+    module = _attention_module(4, 2).eval()
+    q, k, v = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+    out, _ = longlora.make_s2_attention("sdpa")(module, q, k, v, None, scaling=0.25)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             is_causal=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, dense)  # 30 tokens: no whole groups, and no error in eval
+
+
+# ---- whole model ------------------------------------------------------------------------------
+
+def _pair(name, backend, seed=0):
+    """(LongLoRA model, reference model): same weights and LoRA adapters, trainables set independently."""
+    base = build_model(name, dtype=torch.float32, attn_implementation=backend, seed=seed)
+    reference = apply_lora(copy.deepcopy(base))
+    model = longlora.setup(base, {})
+    for m in (model, reference):
+        gen = torch.Generator().manual_seed(seed + 1)
+        for n, p in m.named_parameters():
+            if "lora_" in n:  # the same adapters in both (PEFT starts B at zero: make them matter)
+                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    for n, p in reference.named_parameters():
+        if "embed_tokens" in n or "norm" in n:
+            p.requires_grad_(True)
+    reference.set_attn_implementation("test_reference_s2")
+    return model.train(), reference.train()
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), lora_grads(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LLAMA_FAMILIES)
+def test_model_train_forward_and_grads_match_reference(name, backend):
+    model, reference = _pair(name, backend)
+    ids = torch.randint(0, 512, (2, 64))
+    logits, loss, grads = _loss_and_grads(model, input_ids=ids, labels=ids)
+    ref_logits, ref_loss, ref_grads = _loss_and_grads(reference, input_ids=ids, labels=ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)  # also: the same parameters train
+    # and S2-Attn is not dense attention
+    dense = copy.deepcopy(model)
+    longlora.remove_s2_attn(dense)
+    assert (dense(input_ids=ids).logits - logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LLAMA_FAMILIES)
+def test_eval_mode_equals_untouched_model(name, backend):
+    model = build_model(name, dtype=torch.float32, attn_implementation=backend)
+    ids = torch.randint(0, 512, (2, 50))  # any length in eval, padding too
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 37:] = 0
+    model.eval()
+    with torch.no_grad():
+        ref = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=mask).logits]
+        model = longlora.setup(model, {}).eval()
+        assert model.config._attn_implementation.startswith("longlora_s2")
+        assert torch.equal(model(input_ids=ids).logits, ref[0])
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[1])
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    model, _ = _pair("llama3-tiny", "sdpa")
+    ids = torch.randint(0, 512, (1, 64))
+    _, loss, grads = _loss_and_grads(model, input_ids=ids, labels=ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, loss_ckpt, grads_ckpt = _loss_and_grads(model, input_ids=ids, labels=ids)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert_grads_close(grads_ckpt, grads)
+
+
+@pytest.mark.parametrize("name", LLAMA_FAMILIES)
+def test_gradients_reach_lora_embeddings_and_norms_only(name):
+    model, _ = _pair(name, "sdpa")
+    ids = torch.randint(0, 512, (2, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.num_hidden_layers
+    norms = {n for n in trainable if "norm" in n}
+    assert len(norms) == 2 * layers + 1  # input + post-attention norm per layer, and the final norm
+    assert sum("embed_tokens" in n for n in trainable) == 1
+    assert sum("lora_" in n for n in trainable) == 2 * 4 * layers  # A and B on q, k, v, o
+    assert len(trainable) == len(norms) + 1 + 2 * 4 * layers  # nothing else: no lm_head, MLP, base proj
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+            if "lora_A" not in n:  # A's gradient is B^T(...), and B is random: all nonzero
+                assert p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teardown_restores_attention_and_requires_grad(backend):
+    ids = torch.randint(0, 512, (1, 64))
+    flags, models = {}, {}
+    for method in ("lora", "longlora"):
+        base = build_model("llama3-tiny", dtype=torch.float32, attn_implementation=backend)
+        m = get_method(method).setup(base, {})
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+        models[method] = get_method(method).teardown(m)
+        flags[method] = {n: p.requires_grad for n, p in models[method].named_parameters()}
+    assert flags["longlora"] == flags["lora"]
+    restored = models["longlora"]
+    assert type(restored) is LlamaForCausalLM
+    assert restored.config._attn_implementation == backend
+    assert not longlora.s2_attn_active(restored)
+    assert set(restored.state_dict()) == set(models["lora"].state_dict())
+    restored.train()  # dense again in train mode, any length
+    restored(input_ids=torch.randint(0, 512, (1, 37)))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_odd_kv_heads_rejected_before_lora():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=3, num_key_value_heads=3)
+    model = LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="even num_key_value_heads"):
+        longlora.setup(model, {})
+    assert not hasattr(model, "peft_config") and not longlora.s2_attn_active(model)
+    module = _attention_module(6, 3)
+    q, kv = torch.randn(1, 6, 32, 16), torch.randn(1, 3, 32, 16)
+    with pytest.raises(ValueError, match="even num_key_value_heads"):
+        longlora.make_s2_attention("sdpa")(module, q, kv, kv, None, scaling=0.25)
+
+
+def test_non_llama_family_rejected():
+    with pytest.raises(ValueError, match="'lora' method"):
+        longlora.setup(build_model("opt-tiny", dtype=torch.float32), {})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_and_packing_rejected_in_training(backend):
+    model, _ = _pair("llama2-tiny", backend)
+    ids = torch.randint(0, 512, (2, 64))
+    mask = torch.ones(2, 64, dtype=torch.long)
+    model(input_ids=ids, attention_mask=mask)  # all ones: fine
+    mask[1, 50:] = 0
+    with pytest.raises(ValueError, match="unpadded.*attention_mask=None"):
+        model(input_ids=ids, attention_mask=mask)
+    packed = torch.cat([torch.arange(24), torch.arange(40)])[None].expand(2, -1)
+    with pytest.raises(ValueError, match="unpadded"):
+        model(input_ids=ids, position_ids=packed)
+
+
+def test_all_ones_mask_equals_no_mask():
+    model, _ = _pair("llama3-tiny", "eager")
+    ids = torch.randint(0, 512, (2, 64))
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+                               model(input_ids=ids).logits)
+
+
+def test_indivisible_length_names_the_fix():
+    model, _ = _pair("llama2-tiny", "sdpa")
+    with pytest.raises(ValueError, match=r"multiple of 4.*152"):
+        model(input_ids=torch.randint(0, 512, (1, 150)))
+    with pytest.raises(ValueError, match="group_ratio"):
+        longlora.group_size(3, 0.25)  # groups of 0 tokens
+
+
+def test_bad_options_rejected():
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        longlora.LongLoraOptions(group_ratio=0)
+    with pytest.raises(ValueError, match="choose from"):
+        longlora.LongLoraOptions(trainable=["embed", "lm_head"])
+    assert longlora.LongLoraOptions(trainable="embed,norm").trainable == ("embed", "norm")
+
+
+# ---- through the methods table ----------------------------------------------------------------
+
+def test_longlora_method_setup_and_teardown():
+    method = get_method("longlora")
+    options = {"lora": {"r": 4, "alpha": 8}, "longlora": {"group_ratio": 0.5, "trainable": ["norm"]}}
+    assert "LongLoRA" in method.describe(options) and "0.5" in method.describe(options)
+    base = build_model("qwen2.5-tiny", dtype=torch.float32)
+    model = method.setup(base, options)
+    assert model.config._attn_implementation == "longlora_s2_sdpa_r0.5"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" in n)
+    model.train()
+    ids = torch.randint(0, 512, (2, 48))  # groups of 24
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "norm" in n)
+    restored = method.teardown(model)
+    assert restored is base and restored.config._attn_implementation == "sdpa"
+    assert not any(p.requires_grad for p in restored.parameters())  # as LoRA's teardown leaves them
