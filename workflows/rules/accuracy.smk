@@ -7,7 +7,7 @@ ACC_RESULTS = f"results/accuracy/{ACCURACY}"
 # With accuracy_model=DIR the checkpoint is used as given (no pretraining) and its tokenizer.json
 # tokenizes the corpus; accuracy_corpus=PATH replaces the built-in documents.
 MODEL_DIR = ACC_MODEL or f"{ACC_DATA}/model"
-CORPUS_DIR = "data/corpus" if not (ACC_MODEL or ACC_SOURCE) else f"{ACC_DATA}/corpus"
+CORPUS_DIR = f"{ACC_DATA}/corpus"
 CORPUS_ARGS = (f" --source {ACC_SOURCE}" if ACC_SOURCE else "") + (
     f" --tokenizer {ACC_MODEL}/tokenizer.json" if ACC_MODEL else "")
 
