@@ -155,9 +155,13 @@ class JobRunner:
     def measure(self, base, spec, p: Point) -> dict:
         method = get_method(p.method_name)
         factor = set_rope_context(base, spec, p.context)
-        model = None
+        model, touched = None, {}
         try:
             model = method.setup(base, p.options)
+            # Base weights a method trains (LongLoRA: embeddings, norms) are restored after teardown, so
+            # every method measures the same model (a CPU copy: it must not count in this point's memory).
+            touched = {n: t.detach().to("cpu", copy=True) for n, t in base.named_parameters()
+                       if t.requires_grad and "lora_" not in n}
             _set_checkpointing(model, p.gradient_checkpointing)
             model.train()
             gen = torch.Generator().manual_seed(p.seed)
@@ -195,6 +199,10 @@ class JobRunner:
                 for t in model.parameters():
                     t.grad = None
                 method.teardown(model)
+            with torch.no_grad():
+                params = dict(base.named_parameters())
+                for n, saved in touched.items():
+                    params[n].copy_(saved)
             _free(self.device)
 
 
