@@ -12,7 +12,13 @@ def _measure(args) -> int:
     from .sweep import find_job, load_sweep
 
     sweep = load_sweep(args.sweep)
-    JobRunner(find_job(sweep, args.job), Path(args.out)).run()
+    job = find_job(sweep, args.job)
+    if args.methods:  # re-measure some methods of a job; the other points' records stay as they are
+        unknown = set(args.methods) - {p.method for p in job.points}
+        if unknown:
+            raise SystemExit(f"methods {sorted(unknown)} are not in job {job.id}")
+        job.points = [p for p in job.points if p.method in args.methods]
+    JobRunner(job, Path(args.out)).run()
     return 0
 
 
@@ -109,6 +115,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("measure", help="run one sweep job and write one JSON record per point")
     p.add_argument("--sweep", required=True)
     p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
+    p.add_argument("--methods", nargs="+", default=None, help="only these method labels of the job")
     p.add_argument("--out", required=True, help="directory for the records")
     p.set_defaults(func=_measure)
     p = sub.add_parser("jobs", help="list the jobs of a sweep")
