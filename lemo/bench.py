@@ -143,12 +143,13 @@ class JobRunner:
         failed_at: dict[tuple, int] = {}
         for p in runnable:  # ascending context, then method
             if (p.attention, p.method) in failed_at:
-                self.record(p, "skipped", f"out of memory at {failed_at[p.attention, p.method]} tokens")
+                status, at = failed_at[p.attention, p.method]
+                self.record(p, "skipped", f"{'out of memory' if status == 'oom' else 'failed'} at {at} tokens")
                 continue
             set_model_backend(model, p.attention)
             rec = self.measure(model, spec, p)
             if rec["status"] in ("oom", "error"):
-                failed_at[p.attention, p.method] = p.context
+                failed_at[p.attention, p.method] = (rec["status"], p.context)
         del model
         _free(self.device)
 

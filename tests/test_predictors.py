@@ -327,3 +327,12 @@ def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
     assert set(frame["selection"]) == {"topk", "threshold"} and len(frame) == 6
     tuned = json.loads(csv_path.with_suffix(".thresholds.json").read_text())
     assert set(tuned["threshold"]) == {"1", "2"}
+
+
+def test_identity_samples_stay_in_range_for_large_weights():
+    """7B embeddings hold more than 2**24 values, where float32 index arithmetic rounds past the end."""
+    from lemo.predictors.identity import _sample
+
+    w = torch.arange(2**25 + 3, dtype=torch.float64)
+    got = _sample(w)
+    assert got[0] == 0.0 and got[-1] == float(w.numel() - 1) and got == sorted(got)

@@ -17,7 +17,8 @@ ESSENTIALS = ("model_type", "hidden_size", "num_layers", "num_heads", "num_kv_he
 
 def _sample(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).long()
+    # Integer positions: a float32 linspace rounds past the end for tensors above 2**24 values (7B embeddings).
+    idx = (torch.arange(SAMPLES, dtype=torch.int64) * (flat.numel() - 1) // (SAMPLES - 1)).to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
 
