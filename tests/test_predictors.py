@@ -333,6 +333,7 @@ def test_identity_samples_stay_in_range_for_large_weights():
     """7B embeddings hold more than 2**24 values, where float32 index arithmetic rounds past the end."""
     from lemo.predictors.identity import _sample
 
-    w = torch.arange(2**25 + 3, dtype=torch.float64)
-    got = _sample(w)
-    assert got[0] == 0.0 and got[-1] == float(w.numel() - 1) and got == sorted(got)
+    n = 2**25 + 3
+    w = torch.arange(n, dtype=torch.int64) % 1000  # exact in float32 after sampling
+    expected = [float((k * (n - 1) // 7) % 1000) for k in range(8)]
+    assert _sample(w) == expected  # first and last value included, nothing past the end
