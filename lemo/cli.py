@@ -80,6 +80,14 @@ def _report(args) -> int:
     return 0
 
 
+def _kernel_report(args) -> int:
+    from .kernel_report import kernel_report
+
+    for path in kernel_report([Path(p) for p in args.csvs], Path(args.out), Path(args.figures)):
+        print(path)
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -141,6 +149,11 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="h200")
     p.add_argument("--reference-dir", default=None, help="directory with jenga_ae_a800.csv and h200_lora_baseline.csv")
     p.set_defaults(func=_report)
+    p = sub.add_parser("kernel-report", help="kernel microbenchmark CSVs -> tables (markdown) and figures")
+    p.add_argument("csvs", nargs="+", help="bench_KERNEL.py outputs (ceilings.csv gives the ceilings)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--figures", required=True)
+    p.set_defaults(func=_kernel_report)
     from .accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)

@@ -82,3 +82,39 @@ def test_opt_contexts_beyond_positions_are_skipped_with_reason(tmp_path):
     bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     (rec,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert rec["status"] == "skipped" and "learned positions for 2048" in rec["reason"]
+
+
+def test_methods_that_train_base_weights_leave_the_shared_model_unchanged(tmp_path, monkeypatch):
+    """LongLoRA trains embeddings and norms; later methods of the job must measure the same base model."""
+    seen = {}
+    real_measure = bench.JobRunner.measure
+
+    def spy(self, base, spec, p):
+        before = {n: t.detach().clone() for n, t in base.named_parameters()}
+        rec = real_measure(self, base, spec, p)
+        seen[p.method] = all(torch.equal(before[n], t) for n, t in base.named_parameters())
+        return rec
+
+    monkeypatch.setattr(bench.JobRunner, "measure", spy)
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["methods"]["longlora"] = {"method": "longlora"}
+    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], methods=["longlora", "lora"])
+    bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    assert recs["sdpa-math__longlora__256__b1.json"]["status"] == "ok"
+    assert recs["sdpa-math__longlora__256__b1.json"]["metrics"]["trainable_params"] > \
+        recs["sdpa-math__lora__256__b1.json"]["metrics"]["trainable_params"]
+    assert seen == {"longlora": True, "lora": True}
+
+
+def test_a_failed_point_skips_its_longer_contexts_naming_the_failure(tmp_path, monkeypatch):
+    def broken(model, batch, optimizer, warmup, steps):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench, "time_steps", broken)
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256, 512], methods=["lora"])
+    bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    assert recs["sdpa-math__lora__256__b1.json"]["status"] == "error"
+    assert recs["sdpa-math__lora__512__b1.json"]["reason"] == "failed at 256 tokens"

@@ -151,16 +151,29 @@ def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = 
 def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
     ppl = frame[frame.metric == "perplexity"]
-    for label in _order(ppl.label):
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab20").colors
+    base = ppl[ppl.label == "lora"].set_index("context").value
+    for k, label in enumerate(_order(ppl.label)):
         d = ppl[ppl.label == label].sort_values("context")
-        ax.plot(d.context, d.value, marker="o", label=label, linestyle="--" if label.startswith("pretrained") else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation context (tokens)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("Perplexity after context extension")
-    ax.legend(fontsize=8)
+        style = dict(marker="o", color=colors[k % len(colors)], label=label,
+                     linestyle="--" if label.startswith("pretrained") else "-")
+        ax.plot(d.context, d.value, **style)
+        if not label.startswith("pretrained") and label != "lora" and len(base):
+            rel.plot(d.context, 100 * (d.value.values / base.reindex(d.context).values - 1), **style)
+    ax.set_yscale("log")
+    ax.set_title("Held-out perplexity after context extension")
+    rel.axhline(0, color="black", linewidth=0.8)
+    rel.axhspan(-2, 2, color="green", alpha=0.1, label="within 2% of LoRA")
+    rel.set_title("Relative to dense LoRA at the same context (%)")
+    for a in (ax, rel):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("evaluation context (tokens)")
+    ax.set_ylabel("perplexity")
+    rel.set_ylabel("perplexity / LoRA - 1 (%)")
+    rel.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "perplexity.png")
     fig.savefig(paths[-1], dpi=120)
@@ -197,6 +210,34 @@ def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
     return paths
 
 
+def recall_figure(recall_csv: Path, out: Path) -> Path | None:
+    """Per-layer recall of the oracle's kept blocks: top-k vs tuned thresholds (with the kept fraction)."""
+    if not recall_csv.exists():
+        return None
+    r = pd.read_csv(recall_csv)
+    r = r[r.layer.astype(str) != "all"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers = sorted(r.layer.astype(int).unique())
+    for k, (sel, g) in enumerate(r.groupby("selection")):
+        g = g.assign(layer=g.layer.astype(int)).set_index("layer").reindex(layers)
+        xs = [x + 0.38 * k for x in range(len(layers))]
+        bars = ax.bar(xs, g.recall, width=0.36, label=f"{sel}")
+        for b, kept in zip(bars, g.kept_fraction):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.005, f"kept {kept:.2f}", ha="center", fontsize=6)
+    ax.axhline(0.951, color="gray", linestyle=":", label="paper 95.1%")
+    ax.set_xticks([x + 0.19 for x in range(len(layers))], [str(x) for x in layers])
+    ax.set_xlabel("sparse layer")
+    ax.set_ylabel("recall of oracle-kept blocks")
+    ax.set_ylim(0.5, 1.02)
+    ax.set_title("Trained predictors vs the oracle (held-out)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path = out / "predictor_recall.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: Path, out: Path, figure_dir: Path, readme: Path | None = None, name: str = "small") -> list[Path]:
     frame = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +246,8 @@ def write_report(runs: Path, out: Path, figure_dir: Path, readme: Path | None = 
     text = summary(frame, json.loads(pre.read_text()) if pre.exists() else None, out / "predictors")
     (out / "summary.md").write_text(text + "\n")
     paths = [out / "accuracy.csv", out / "summary.md"] + figures(frame, runs, figure_dir)
+    recall = recall_figure(out / "predictors" / "recall.csv", figure_dir)
+    paths += [recall] if recall else []
     if readme:
         update_readme(readme, f"accuracy-{name}", text)
     return paths
