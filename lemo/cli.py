@@ -85,6 +85,10 @@ def _kernel_report(args) -> int:
 
     for path in kernel_report([Path(p) for p in args.csvs], Path(args.out), Path(args.figures)):
         print(path)
+    if args.readme:
+        from .report import update_readme
+
+        update_readme(Path(args.readme), args.name, Path(args.out).read_text().strip())
     return 0
 
 
@@ -153,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("csvs", nargs="+", help="bench_KERNEL.py outputs (ceilings.csv gives the ceilings)")
     p.add_argument("--out", required=True)
     p.add_argument("--figures", required=True)
+    p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
+    p.add_argument("--name", default="kernels")
     p.set_defaults(func=_kernel_report)
     from .accuracy.cli import register as register_accuracy
 
