@@ -81,10 +81,10 @@ def gather_positions(position_embeddings, sel: Selection, length: int):
     return cos, sin
 
 
-def attention_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, positions) -> torch.Tensor:
-    """The attention sub-layer's output for kept rows: (T, D)."""
+def _project_attend(parts: LayerParts, h: torch.Tensor, sel: Selection, rope) -> torch.Tensor:
+    """Normalised kept rows h (T, D) -> q, k, v; `rope(x)` rotates q and k at their original positions;
+    causal attention among the kept tokens; output projection. (T, D)."""
     t = sel.total
-    h = parts.attn_norm(flat.index_select(0, sel.index))
     q = parts.q_proj(h)
     if parts.q_prescale != 1.0:
         q = q * parts.q_prescale
@@ -92,10 +92,15 @@ def attention_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, posi
     k = parts.k_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
     v = parts.v_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
     if parts.rope:
-        cos, sin = positions
-        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
-        k = apply_rope(k, cos[:, None, :], sin[:, None, :])
+        q, k = rope(q), rope(k)
     return _dropout(parts, parts.o_proj(attend_kept(parts, q, k, v, sel)))
+
+
+def attention_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, positions) -> torch.Tensor:
+    """The attention sub-layer's output for kept rows: (T, D)."""
+    cos, sin = positions if parts.rope else (None, None)
+    return _project_attend(parts, parts.attn_norm(flat.index_select(0, sel.index)), sel,
+                           lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :]))
 
 
 def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
@@ -133,19 +138,9 @@ def _attention_update_triton(parts: LayerParts, base: torch.Tensor, sel: Selecti
     original positions read from the full cos/sin tables."""
     from .kernels import movement as mv
 
-    t = sel.total
-    h = mv.load_norm(parts.attn_norm, base, sel.index)
-    q = parts.q_proj(h)
-    if parts.q_prescale != 1.0:
-        q = q * parts.q_prescale
-    q = q.view(t, parts.num_heads, parts.head_dim)
-    k = parts.k_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
-    v = parts.v_proj(h).view(t, parts.num_kv_heads, parts.head_dim)
-    if parts.rope:
-        cos, sin = position_embeddings
-        q = mv.rope_rows(q, cos, sin, sel.index, length)
-        k = mv.rope_rows(k, cos, sin, sel.index, length)
-    return _dropout(parts, parts.o_proj(attend_kept(parts, q, k, v, sel)))
+    cos, sin = position_embeddings if parts.rope else (None, None)
+    return _project_attend(parts, mv.load_norm(parts.attn_norm, base, sel.index), sel,
+                           lambda x: mv.rope_rows(x, cos, sin, sel.index, length))
 
 
 def _sparse_layer_triton(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,

@@ -75,3 +75,15 @@ def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_b
     merged = other.merge(base, on=keys)
     merged["ratio"] = merged[metric] / merged["base"] if higher_is_better else merged["base"] / merged[metric]
     return merged[keys + ["method", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """Rows of a microbenchmark as CSV; the header is the union of their keys in first-seen order (a
+    failed row carries fewer columns than a measured one)."""
+    import csv
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)

@@ -67,24 +67,6 @@ def test_kernel_strided_rows_and_tensor_scale():
     torch.testing.assert_close(big[:, 250:], untouched, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("segment", [1, 7, 64, 1000])
-@pytest.mark.parametrize("train_head", [False, True])
-def test_segment_loss_triton_equals_plain(segment, train_head):
-    head = torch.nn.Linear(32, 101, bias=True)
-    head.requires_grad_(train_head)
-    hidden = torch.randn(2, 45, 32, requires_grad=True)
-    labels = torch.randint(0, 101, (2, 45))
-    labels[0, 10:20] = -100
-    wrt = [hidden] + ([head.weight, head.bias] if train_head else [])
-    ref = _plain(hidden, head, labels)
-    ref_grads = torch.autograd.grad(ref, wrt)
-    loss = segmented_lm_loss(hidden, head, labels, segment, kernel="triton")
-    grads = torch.autograd.grad(loss, wrt)
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_fused_scaled_grad_no_bias_and_retain_graph():
     """grad_loss != 1 scales every stored gradient; a second backward gives the same gradients."""
     hidden = torch.randn(50, 24, requires_grad=True)

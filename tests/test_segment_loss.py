@@ -12,9 +12,10 @@ def _plain(hidden, head, labels):
                            ignore_index=-100)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("segment", [1, 7, 64, 1000])
 @pytest.mark.parametrize("train_head", [False, True])
-def test_equals_plain_loss_and_gradients(segment, train_head):
+def test_equals_plain_loss_and_gradients(segment, train_head, kernel):
     head = torch.nn.Linear(32, 101, bias=True)
     head.requires_grad_(train_head)
     hidden = torch.randn(2, 45, 32, requires_grad=True)
@@ -23,7 +24,7 @@ def test_equals_plain_loss_and_gradients(segment, train_head):
     wrt = [hidden] + ([head.weight, head.bias] if train_head else [])
     ref = _plain(hidden, head, labels)
     ref_grads = torch.autograd.grad(ref, wrt)
-    loss = segmented_lm_loss(hidden, head, labels, segment)
+    loss = segmented_lm_loss(hidden, head, labels, segment, kernel=kernel)
     grads = torch.autograd.grad(loss, wrt)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, ref_grads):

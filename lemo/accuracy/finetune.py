@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..methods import get_method
 from .corpus import batches, long_documents
 from .passkey import passkey_accuracy
 from .perplexity import perplexity
+from .pretrain import warmup_cosine
 
 
 @dataclass
@@ -67,12 +67,6 @@ def load_tokenizer(model_dir: Path):
     return Tokenizer.from_file(str(path))
 
 
-def _lr(step: int, cfg: FinetuneConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-
-
 def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> list[dict]:
     """Perplexity at each eval context (same tokens for all) and passkey accuracy at each length."""
     docs = long_documents(corpus_dir, "heldout", cfg.eval_tokens_per_doc)
@@ -113,7 +107,7 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
     for step, ids in enumerate(batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed)):
         ids = ids.to(device)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
+            g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -53,11 +53,16 @@ def model_config(cfg: PretrainConfig, vocab_size: int):
                        tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=0)
 
 
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int, floor: float = 0.0) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `floor * lr` at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, floor=0.1)
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ TFLOP/s on the causal tiles actually computed, and peak memory above the inputs.
 Usage: python workflows/scripts/bench_block_scores.py OUT.csv [CONTEXT ...]
 """
 
-import csv
 import sys
 
 import torch
@@ -13,6 +12,7 @@ import triton
 
 from lemo.kernels.block_scores import block_scores, block_scores_torch
 from lemo.provenance import provenance
+from lemo.results import write_rows
 
 
 def main(out, contexts):
@@ -35,10 +35,7 @@ def main(out, contexts):
                                  torch=prov["torch"], triton=prov["triton"], git_commit=prov["git_commit"]))
                 print(f"{name:7s} L={length:6d} hq={hq} hkv={hkv}: {ms:8.2f} ms {rows[-1]['tflops']:6.1f} TFLOP/s "
                       f"+{extra:.0f} MiB", flush=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
 
 
 if __name__ == "__main__":

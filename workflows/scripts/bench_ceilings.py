@@ -9,13 +9,13 @@ An OOM or other failure is recorded as a row with `status`.
 Usage: python workflows/scripts/bench_ceilings.py OUT.csv
 """
 
-import csv
 import statistics
 import sys
 
 import torch
 
 from lemo.provenance import provenance
+from lemo.results import write_rows
 
 WARMUP, RUNS = 5, 20
 
@@ -70,13 +70,7 @@ def main(out_path):
         rows.append(row)
         print(f"{row['ceiling']:12s} {row.get('value', float('nan')):9.1f} {row.get('unit', '')} "
               f"(median of {RUNS}; best {row.get('best', float('nan')):.1f}) [{row['status']}]", flush=True)
-    fields = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(out_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out_path, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ on one segment (bytes = two reads + one write of the bf16 logits), with provenan
 Usage: python workflows/scripts/bench_cross_entropy.py OUT.csv [CONTEXT ...]
 """
 
-import csv
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from lemo.provenance import provenance
 from lemo.segment_loss import segmented_lm_loss
+from lemo.results import write_rows
 
 D, V, SEGMENT = 4096, 32000, 4096
 CONTEXTS = [8192, 16384, 32768, 65536, 131072]
@@ -163,12 +163,7 @@ def main(out, contexts, d=D, v=V, segment=SEGMENT, device="cuda", dtype=torch.bf
             rows.append(row)
             print(f"{name:6s} L={length:6d}: {row['status']:11s} {row['ms']:9.2f} ms "
                   f"{row['matmul_tflops']:6.1f} TFLOP/s  +{math.nan if row['extra_mib'] is None else row['extra_mib']:8.0f} MiB", flush=True)
-    fields = ["kernel", "impl", "context", "status", "ms", "matmul_tflops", "extra_mib", "ce_kernel_ms",
-              "ce_kernel_gbps", "matmuls", "segment", "d", "v", "dtype", *meta]
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     return rows
 
 

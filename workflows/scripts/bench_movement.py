@@ -20,7 +20,6 @@ recorded as a row with `status`.
 Usage: python workflows/scripts/bench_movement.py OUT.csv [CONTEXT ...]   (default 8192 .. 131072)
 """
 
-import csv
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from lemo.kernels import movement as mv
 from lemo.norm import RMSNormFunction
 from lemo.kernels.rows import scatter_add_rows
 from lemo.provenance import provenance
+from lemo.results import write_rows
 
 D, BLOCK, KEEP, EPS, DTYPE, DEVICE = 4096, 64, 0.4, 1e-5, torch.bfloat16, "cuda"
 WARMUP, STEPS = 3, 10
@@ -249,13 +249,7 @@ def main(out_path, contexts):
                   f"[{row['status']}] ({time.time() - t0:.0f}s)", flush=True)
         del inputs, grad
         torch.cuda.empty_cache()
-    fields = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(out_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out_path, rows)
 
 
 if __name__ == "__main__":

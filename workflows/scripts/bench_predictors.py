@@ -8,7 +8,6 @@ variant); cost does not depend on training. Per (context, scorer): median time o
 Usage: python workflows/scripts/bench_predictors.py OUT.csv [CONTEXT ...]
 """
 
-import csv
 import statistics
 import sys
 
@@ -21,6 +20,7 @@ from lemo.models.registry import get_spec, make_config
 from lemo.predictors import LayerPredictor, PredictorScorer, PredictorSet
 from lemo.provenance import provenance
 from lemo.scoring import OracleScorer
+from lemo.results import write_rows
 
 WIDTHS = [(128, 64), (64, 32)]
 BLOCK = 64
@@ -94,10 +94,7 @@ def main(out, contexts):
                   f"+{extra:7.0f} MiB  params {n_params}", flush=True)
         del layer, rope, hidden, position_embeddings, scorers
         torch.cuda.empty_cache()
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
 
 
 if __name__ == "__main__":
