@@ -147,3 +147,24 @@ def test_real_checkpoint_path_end_to_end(tmp_path):
     ppl = [r for r in rows if r["metric"] == "perplexity"]
     assert [r["context"] for r in ppl] == [128, 512] and all(math.isfinite(r["value"]) for r in ppl)
     assert (tmp_path / "runs" / "lora" / "loss.csv").exists()
+
+
+def test_accuracy_report_relative_perplexity(tmp_path):
+    import json
+
+    from lemo.accuracy.report import write_report
+
+    runs = tmp_path / "runs"
+    base = {"method": "x", "finetune_config": json.dumps({"rope_factor": 8, "context": 8192, "steps": 1, "batch_size": 1,
+                                                          "lr": 1e-3, "seed": 0, "eval_tokens_per_doc": 16384}),
+            "train_seconds": 1.0, "train_peak_gib": 1.0, "final_loss": 2.0, "gpu": "G", "git_commit": "abc"}
+    for label, ppl in (("lora", 10.0), ("lemo-token", 11.0)):
+        (runs / label).mkdir(parents=True)
+        rows = [{**base, "label": label, "metric": "perplexity", "context": c, "value": ppl * (c / 1024) ** 0.01,
+                 "documents": 3} for c in (1024, 8192)]
+        rows.append({**base, "label": label, "metric": "passkey", "context": 1024, "value": 0.5, "token_accuracy": 0.75})
+        (runs / label / "eval.json").write_text(json.dumps(rows))
+    paths = write_report(runs, tmp_path / "out", tmp_path / "fig")
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| lemo-token | 11.000 (+10.0%) |" in text and "| lora | 10.000 |" in text
+    assert "0.50 (0.75)" in text and (tmp_path / "fig" / "perplexity.png") in paths

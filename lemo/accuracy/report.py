@@ -100,13 +100,13 @@ def predictor_section(pred_dir: Path) -> str:
         meta = json.loads(meta_json.read_text())
         tr = meta.get("training", {})
         curve = tr.get("loss_curve") or []
-        widths = {k: v.get("widths") for k, v in meta.get("layers", {}).items()} if isinstance(
-            meta.get("layers"), dict) else {}
+        widths = sorted({tuple(w) for layer in meta.get("layers", {}).values() for w in layer.values()})
         parts.append(f"Predictors: {meta['parameters'] / 1e6:.2f}M parameters for sparse layers "
                      f"{meta['sparse_layers']}, trained {tr.get('steps', 0)} steps ({tr.get('tokens', 0) / 1e6:.1f}M "
                      f"tokens, {tr.get('seconds', 0):.0f} s) against the oracle's block maps"
                      + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
-                     + (f"; widths after elastic pruning {widths}" if widths else "") + ".")
+                     + (f"; hidden widths {tuple(meta.get('initial_widths', ()))} -> "
+                        f"{', '.join(map(str, widths))} after elastic pruning" if widths else "") + ".")
     r = pd.read_csv(recall_csv)
     lines = ["| selection | layer | recall | attention-mass recall | kept fraction | threshold |", "|---|---|---|---|---|---|"]
     for row in r.itertuples():
