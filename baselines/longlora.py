@@ -1,10 +1,13 @@
 """The LongLoRA baseline (Chen et al., ICLR 2024): LoRA + S2-Attn + trainable embeddings and norms.
 
 S2-Attn (shifted sparse attention) is LongLoRA's training-time attention. The sequence of length L is
-cut into groups of g = int(group_ratio * L) tokens (1/4 of the context by default) and attention is
-causal inside each group only. The second half of the attention heads sees the sequence rolled by
--g/2 first (and its output is rolled back by +g/2), so its groups straddle the first half's group
-borders and information flows between groups across layers. In eval mode the model's own dense
+cut into n = L/g groups of g = int(group_ratio * L) tokens (1/4 of the context by default) and attention
+is causal inside each segment only. The first half of the attention heads uses the groups [0, g),
+[g, 2g), ..., [L-g, L). The second half uses segments shifted by h = g // 2: [0, h), [h, h+g), ...,
+[L-g+h, L), i.e. a half group at each end and n-1 full groups in between, so its segments straddle the
+first half's group borders and information flows between groups across layers. Nothing wraps around:
+in every head a token attends to itself and earlier tokens of its own segment only, never to a later
+token, so S2-Attn is causal like the dense attention it replaces. In eval mode the model's own dense
 causal attention runs untouched: LongLoRA fine-tunes sparse and infers dense.
 
 How it is hooked in, without patching any model class: a wrapper attention function is registered
@@ -14,21 +17,26 @@ implementation is switched to it. The wrapper name also gets the inner implement
 function, so the model builds exactly the masks it built before. `remove_s2_attn` switches back.
 
 Choices, and where they differ from the reference code (dvlab-research/LongLoRA):
-- The shift is a roll, as in the reference's non-flash path and the paper's pseudocode. In the
-  shifted heads the last group therefore holds the last g/2 tokens followed by the first g/2, and
-  the first g/2 tokens attend to the sequence's end (the reference's flash path instead cuts the
-  shifted heads into half-groups at both ends). Cost is identical; only those g/2 tokens differ.
-- The roll is by g // 2 both ways. For even g (any context that is a multiple of 8 at ratio 1/4)
-  this is exactly the reference; for odd g the reference rolls by -(g+1)//2 and back by g//2.
+- The shifted heads are cut into half groups at both ends, as in the reference's flash path (its
+  non-flash path and the paper's pseudocode roll the sequence by -g/2 instead, so the first shifted
+  group holds the last g/2 tokens followed by the first g/2: the first g/2 tokens then see the end of
+  the sequence, a future-token leak in causal training). A token still attends to at most g tokens;
+  the two end half groups are two causal blocks of g/2 tokens where the roll had one of g, so the
+  shifted heads compute about g^2/4 fewer attention scores per sequence (1/(2n) of their work).
+- The split point is h = g // 2 (the reference's flash path too): for odd g the first end segment has
+  g // 2 tokens and the last one g - g // 2.
 - L must be a multiple of g (the reference raises too): pad batches to such a length.
 - Batches must be unpadded and unpacked (padding or packing masks are rejected, like the reference
   which only handles right padding in its flash path). Eval mode accepts anything the model does.
 - GQA: the shifted heads are the second half of the key/value heads and their query heads, which
   needs an even number of key/value heads (the reference repeats K/V to all heads first: the same
   split when the count is even).
-- Inner calls per group: `sdpa` and flash implementations get no mask and is_causal=True; any other
-  (`eager`, `flex_attention`, custom) gets an explicit additive causal mask per group, since `eager`
-  takes its causal mask from outside.
+- Inner calls, two per layer, batched over segments (no loop over groups): one over the first half's n
+  groups and the second half's n-1 middle groups together (both are g long, with half of the query and
+  half of the key/value heads each), one over the two end half groups stacked as a batch of 2 (two
+  calls when g is odd and the ends differ in length). `sdpa` and flash implementations get no mask and
+  is_causal=True; any other (`eager`, `flex_attention`, custom) gets an explicit additive causal mask,
+  since `eager` takes its causal mask from outside.
 """
 
 from __future__ import annotations
@@ -113,16 +121,20 @@ def _check_kv_heads(num_kv_heads: int) -> None:
             f"model has {num_kv_heads}. Use a model with an even num_key_value_heads, or the plain 'lora' method")
 
 
-def _halves_roll(x: torch.Tensor, shift: int, heads_dim: int, seq_dim: int) -> torch.Tensor:
-    """Roll the second half of the heads by `shift` along the sequence; the first half is untouched."""
-    first, second = x.chunk(2, dim=heads_dim)
-    return torch.cat([first, second.roll(shift, dims=seq_dim)], dim=heads_dim)
+def _s2_segments(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split x (B, Hx, L, D) into S2-Attn's segments (Hx even; h = g // 2, n = L / g).
 
-
-def _to_groups(x: torch.Tensor, g: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B * L/g, H, g, D): each group becomes a batch entry."""
-    b, h, length, d = x.shape
-    return x.view(b, h, length // g, g, d).transpose(1, 2).reshape(b * (length // g), h, g, d)
+    Returns (groups, first_end, last_end): groups (B * (2n-1), Hx/2, g, D) holds, per batch entry, the
+    first half's n groups [0, g), ... then the second half's n-1 middle segments [h, h+g), ...,
+    [L-2g+h, L-g+h); first_end (B, Hx/2, h, D) and last_end (B, Hx/2, g-h, D) are the second half's
+    segments [0, h) and [L-g+h, L) (views).
+    """
+    length = x.shape[2]
+    n, h, half = length // g, g // 2, x.shape[1] // 2
+    first, second = x[:, :half], x[:, half:]
+    groups = torch.cat([first.unflatten(2, (n, g)).transpose(1, 2),  # (B, n, Hx/2, g, D)
+                        second[:, :, h:length - g + h].unflatten(2, (n - 1, g)).transpose(1, 2)], dim=1)
+    return groups.flatten(0, 1), second[:, :, :h], second[:, :, length - g + h:]
 
 
 class _ConfigView:
@@ -174,7 +186,7 @@ def make_s2_attention(implementation: str, group_ratio: float = 0.25) -> Callabl
         view = _ModuleView(module, implementation)
         if not module.training:
             return inner(view, query, key, value, attention_mask, **kwargs)
-        b, heads, length, _ = query.shape
+        b, _, length, _ = query.shape
         _check_kv_heads(key.shape[1])
         _check_plain_causal(attention_mask, length)
         if kwargs.get("cu_seq_lens_q") is not None:  # a packed varlen batch
@@ -184,17 +196,31 @@ def make_s2_attention(implementation: str, group_ratio: float = 0.25) -> Callabl
             if bool((position_ids.diff(dim=-1) != 1).any()):  # flash reads packing from position_ids
                 raise _unpadded_error()
         g = group_size(length, group_ratio)
-        shift = g // 2
-        q, k, v = (_to_groups(_halves_roll(x, -shift, 1, 2), g) for x in (query, key, value))
-        inner_kwargs = {n: val for n, val in kwargs.items() if n not in _SEQUENCE_KWARGS}
-        mask = None
-        if not uses_is_causal:  # eager & co take the causal mask from outside
-            allowed = torch.ones(g, g, dtype=torch.bool, device=query.device).tril()
-            mask = torch.zeros(g, g, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min).expand(q.shape[0], 1, g, g)
-        out, _ = inner(view, q, k, v, mask, is_causal=True, **inner_kwargs)  # (B * L/g, g, H, D)
-        out = out.reshape(b, length, heads, out.shape[-1])
-        return _halves_roll(out, shift, 2, 1), None
+        n = length // g
+        inner_kwargs = {key_: val for key_, val in kwargs.items() if key_ not in _SEQUENCE_KWARGS}
+
+        def attend(q, k, v):  # causal attention within each batch entry: (B', H', s, D) -> (B', s, H', D)
+            size, mask = q.shape[2], None
+            if not uses_is_causal:  # eager & co take the causal mask from outside
+                allowed = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+                mask = torch.zeros(size, size, dtype=q.dtype, device=q.device)
+                mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min).expand(q.shape[0], 1, size, size)
+            out, _ = inner(view, q, k, v, mask, is_causal=True, **inner_kwargs)
+            return out
+
+        (q_groups, *q_ends), (k_groups, *k_ends), (v_groups, *v_ends) = (
+            _s2_segments(x, g) for x in (query, key, value))
+        out = attend(q_groups, k_groups, v_groups)  # (B * (2n-1), g, H/2, Dv)
+        out = out.reshape(b, 2 * n - 1, g, *out.shape[-2:])
+        unshifted = out[:, :n].flatten(1, 2)  # (B, L, H/2, Dv)
+        middle = out[:, n:].flatten(1, 2)  # (B, (n-1) g, H/2, Dv): positions h .. L-g+h
+        if q_ends[0].shape[2] == q_ends[1].shape[2]:  # even g: the two end half groups as one batch of 2B
+            ends = attend(*(torch.cat(e, dim=0) for e in (q_ends, k_ends, v_ends))).chunk(2, dim=0)
+        else:  # odd g: ends of g // 2 and g - g // 2 tokens (the first one empty for g = 1)
+            ends = [attend(q, k, v) if q.shape[2] else middle[:, :0]
+                    for q, k, v in zip(q_ends, k_ends, v_ends)]
+        shifted = torch.cat([ends[0], middle, ends[1]], dim=1)  # (B, L, H/2, Dv)
+        return torch.cat([unshifted, shifted], dim=2), None
 
     s2_attention.inner_implementation = implementation
     s2_attention.group_ratio = group_ratio

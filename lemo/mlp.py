@@ -31,19 +31,20 @@ class ChannelPrunedMLP(torch.autograd.Function):
         idx = torch.topk(channel_scores(act, up), n_keep, sorted=False).indices.sort().values
         out = F.linear(act.mul_(up), w_down, b_down)
         ctx.save_for_backward(gate.index_select(1, idx), up.index_select(1, idx), idx, w_gate, w_up, w_down)
-        ctx.shape = shape
+        ctx.shape, ctx.x_dtype = shape, x.dtype
         return out.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         gate_c, up_c, idx, w_gate, w_up, w_down = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_h = g @ w_down.index_select(1, idx)  # (N, k): dL/d(act * up) on kept channels
+        dt = gate_c.dtype  # the forward's compute dtype (bf16 under autocast with fp32 weights)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
+        grad_h = g @ w_down.index_select(1, idx).to(dt)  # (N, k): dL/d(act * up) on kept channels
         sig = torch.sigmoid(gate_c)
         grad_up = grad_h * (gate_c * sig)
         grad_gate = grad_h * up_c * sig * (1 + gate_c * (1 - sig))  # silu'(g) = s (1 + g (1 - s))
-        grad_x = grad_gate @ w_gate.index_select(0, idx) + grad_up @ w_up.index_select(0, idx)
-        return grad_x.view(ctx.shape), None, None, None, None, None, None, None
+        grad_x = grad_gate @ w_gate.index_select(0, idx).to(dt) + grad_up @ w_up.index_select(0, idx).to(dt)
+        return grad_x.to(ctx.x_dtype).view(ctx.shape), None, None, None, None, None, None, None
 
 
 def channel_pruned_forward(mlp: nn.Module, keep: float, x: torch.Tensor) -> torch.Tensor:

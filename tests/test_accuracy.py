@@ -75,6 +75,23 @@ def test_perplexity_equals_direct_computation():
     assert math.isclose(got["ppl"], math.exp(total / count), rel_tol=1e-5)
 
 
+def test_every_context_scores_the_same_tokens():
+    model = build_model("llama2-tiny", dtype=torch.float32)
+    docs = [torch.randint(0, 512, (256,)).numpy() for _ in range(2)]
+    runs = [perplexity(model, docs, c, 256, unscored_every=32) for c in (32, 64, 256)]
+    assert len({r["tokens"] for r in runs}) == 1 and runs[0]["tokens"] == 2 * (256 - 8)
+    plain = [perplexity(model, docs, c, 256) for c in (32, 256)]
+    assert plain[0]["tokens"] != plain[1]["tokens"]  # without it, longer windows score more tokens
+    # the tokens a 32-token window cannot predict are the ones left out at 256: same NLL at 256 otherwise
+    ids = torch.from_numpy(np.stack(docs).astype(np.int64))
+    with torch.no_grad():
+        nll = F.cross_entropy(model(input_ids=ids).logits[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none")
+    keep = torch.arange(1, 256) % 32 != 0
+    assert math.isclose(runs[2]["nll"], nll[:, keep].mean().item(), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        perplexity(model, docs, 48, 96, unscored_every=32)
+
+
 def test_windows_need_a_multiple_of_the_context():
     with pytest.raises(ValueError, match="multiple"):
         windows([np.zeros(100, dtype=np.int64)], 64, 100)
@@ -87,8 +104,11 @@ class _CharTokenizer:
         def __init__(self, ids):
             self.ids = ids
 
-    def encode(self, s):
-        return self._Enc([ord(c) for c in s])
+        def char_to_token(self, i):
+            return i
+
+    def encode(self, s, add_special_tokens=True):
+        return self._Enc(([1] if add_special_tokens else []) + [ord(c) for c in s])
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
@@ -104,6 +124,21 @@ def test_passkey_places_the_key_where_it_says(depth):
     assert tok.decode(s.ids[:s.answer_start]).endswith("What is the pass key? The pass key is")
     frac = s.key_start / s.answer_start
     assert abs(frac - depth) < 0.05  # the key sits at the requested depth of the prompt
+    assert 1 not in s.ids  # no BOS inside the prompt
+
+
+def test_passkey_prompt_is_tokenized_as_one_text(tmp_path):
+    """With a BPE, pieces encoded apart join differently from the text encoded once; a real tokenizer
+    that adds BOS must not put one before every piece."""
+    from lemo.accuracy.corpus import train_tokenizer
+
+    tok = train_tokenizer([Document(f"d{i}", "The grass is green. The sky is blue. There and back again. "
+                                    f"The pass key is {i}. " * 20) for i in range(30)], 400)
+    s = make_sample(tok, 600, 0.5, key=48213)
+    assert s.ids == tok.encode(tok.decode(s.ids), add_special_tokens=False).ids
+    assert tok.decode(s.ids[s.answer_start:]).strip() == "48213"
+    assert "The pass key is 48213." in tok.decode(s.ids[s.key_start:s.key_end])
+    assert len(s.ids) <= 600
     with pytest.raises(ValueError, match="depth"):
         make_sample(tok, 4000, 1.5, key=1)
 
@@ -161,10 +196,11 @@ def test_accuracy_report_relative_perplexity(tmp_path):
     for label, ppl in (("lora", 10.0), ("lemo-token", 11.0)):
         (runs / label).mkdir(parents=True)
         rows = [{**base, "label": label, "metric": "perplexity", "context": c, "value": ppl * (c / 1024) ** 0.01,
-                 "documents": 3} for c in (1024, 8192)]
+                 "documents": 3, "tokens": 500} for c in (1024, 8192)]
         rows.append({**base, "label": label, "metric": "passkey", "context": 1024, "value": 0.5, "token_accuracy": 0.75})
         (runs / label / "eval.json").write_text(json.dumps(rows))
     paths = write_report(runs, tmp_path / "out", tmp_path / "fig")
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "| lemo-token | 11.000 (+10.0%) |" in text and "| lora | 10.000 |" in text
+    assert "the same 500 scored tokens at every context" in text
     assert "0.50 (0.75)" in text and (tmp_path / "fig" / "perplexity.png") in paths

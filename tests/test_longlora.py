@@ -1,6 +1,7 @@
-"""LongLoRA against an independent reference: plain attention on explicitly shifted groups.
+"""LongLoRA against an independent reference: plain attention over explicitly listed segments.
 
-The reference loops over groups, rolls the second half of the (repeated) heads with torch.roll and
+The reference lists each head's segments (groups of g for the first half of the heads; a half group
+at each end and full groups in between for the second half, with no wrap-around), loops over them and
 runs a causal softmax; it shares no code with baselines/longlora.py.
 """
 
@@ -22,23 +23,36 @@ LLAMA_FAMILIES = ["llama2-tiny", "llama3-tiny", "qwen2.5-tiny"]
 BACKENDS = ["sdpa", "eager"]
 
 
+def reference_segments(length, g, shifted):
+    """S2-Attn's segments [start, end): groups of g, or (shifted) [0, g//2), [g//2, g//2+g), ..., [L-g+g//2, L)."""
+    if not shifted:
+        return [(s, s + g) for s in range(0, length, g)]
+    cuts = [0, *range(g // 2, length, g), length]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def reference_s2(q, k, v, ratio, scaling):
     """S2-Attn written out: q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, L, H, D)."""
     b, heads, length, d = q.shape
     rep = heads // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # query head i uses kv head i // rep
     g = int(length * ratio)
-    shift = g // 2
-    shifted = (torch.arange(heads) >= heads // 2)[None, :, None, None]
-    q, k, v = (torch.where(shifted, x.roll(-shift, 2), x) for x in (q, k, v))
-    causal = torch.ones(g, g, dtype=torch.bool).tril()
-    out = torch.zeros(b, heads, length, d, dtype=q.dtype)
-    for start in range(0, length, g):
-        sl = slice(start, start + g)
-        scores = (q[:, :, sl] @ k[:, :, sl].transpose(-1, -2)) * scaling
-        out[:, :, sl] = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, :, sl]
-    out = torch.where(shifted, out.roll(shift, 2), out)
+    out = torch.zeros(b, heads, length, v.shape[-1], dtype=q.dtype)
+    for head in range(heads):
+        for start, end in reference_segments(length, g, shifted=head >= heads // 2):
+            sl = slice(start, end)
+            causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            scores = (q[:, head, sl] @ k[:, head, sl].transpose(-1, -2)) * scaling
+            out[:, head, sl] = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, head, sl]
     return out.transpose(1, 2)
+
+
+def test_reference_segments():
+    assert reference_segments(32, 8, False) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert reference_segments(32, 8, True) == [(0, 4), (4, 12), (12, 20), (20, 28), (28, 32)]
+    assert reference_segments(27, 9, True) == [(0, 4), (4, 13), (13, 22), (22, 27)]
+    assert reference_segments(8, 8, True) == [(0, 4), (4, 8)]
+    assert reference_segments(4, 1, True) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -58,35 +72,84 @@ def _attention_module(heads, kv_heads, head_dim=16):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 4), (8, 2), (6, 2)])
-@pytest.mark.parametrize("length", [64, 40])
-def test_s2_function_matches_reference(backend, heads, kv_heads, length):
+@pytest.mark.parametrize("length,ratio", [(64, 0.25), (40, 0.25), (36, 0.25), (12, 0.25), (4, 0.25), (16, 1.0)])
+def test_s2_function_matches_reference(backend, heads, kv_heads, length, ratio):
+    """Groups of 16, 10 (even), 9, 3 (odd: unequal end segments), 1 (empty first end) and L (no middle groups)."""
     module = _attention_module(heads, kv_heads)
     q = torch.randn(2, heads, length, 16, requires_grad=True)
     k = torch.randn(2, kv_heads, length, 16, requires_grad=True)
     v = torch.randn(2, kv_heads, length, 16, requires_grad=True)
-    fn = longlora.make_s2_attention(backend, 0.25)
+    fn = longlora.make_s2_attention(backend, ratio)
     out, _ = fn(module, q, k, v, None, scaling=module.scaling, dropout=0.0)
-    ref = reference_s2(q, k, v, 0.25, module.scaling)
+    ref = reference_s2(q, k, v, ratio, module.scaling)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)  # g = 1: q grads are 0 up to rounding
 
 
-def test_s2_is_local_to_shifted_groups():
-    """A token's output depends only on tokens of its group (unshifted heads) / shifted group (others)."""
+@pytest.mark.parametrize("token,unshifted,shifted", [(9, (9, 16), (9, 12)), (2, (2, 8), (2, 4)),
+                                                     (29, (29, 32), (29, 32)), (26, (26, 32), (26, 28))])
+def test_s2_is_local_to_its_segments(token, unshifted, shifted):
+    """A token's K/V reach only later tokens of its group (unshifted heads) / shifted segment (others)."""
     module = _attention_module(4, 2)
-    fn = longlora.make_s2_attention("sdpa", 0.25)
+    fn = longlora.make_s2_attention("sdpa", 0.25)  # L=32: groups 0..7, 8..15, ...; shifted 0..3, 4..11, ..., 28..31
     q, k, v = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
     base, _ = fn(module, q, k, v, None, scaling=0.25)
     k2, v2 = k.clone(), v.clone()
-    k2[:, :, 9], v2[:, :, 9] = 5.0, 5.0  # token 9: group 1 (8..15), shifted group 4..11
+    k2[:, :, token], v2[:, :, token] = 5.0, 5.0
     out, _ = fn(module, q, k2, v2, None, scaling=0.25)
     changed = (out - base).abs().amax(-1)[0] > 0  # (L, H)
     rows = torch.arange(32)
-    assert torch.equal(changed[:, :2].any(1), (rows >= 9) & (rows < 16))  # unshifted heads (kv head 0)
-    assert torch.equal(changed[:, 2:].any(1), (rows >= 9) & (rows < 12))  # shifted heads (kv head 1)
+    assert torch.equal(changed[:, :2].any(1), (rows >= unshifted[0]) & (rows < unshifted[1]))  # kv head 0
+    assert torch.equal(changed[:, 2:].any(1), (rows >= shifted[0]) & (rows < shifted[1]))  # kv head 1
+
+
+# ---- causality: no position sees a later token ------------------------------------------------
+
+def _assert_causal(outputs, base, length):
+    """outputs[j]: the output (B, L, ...) with token j perturbed; positions < j must be unchanged."""
+    for j, out in outputs.items():
+        diff = (out - base).abs().flatten(2).amax(-1).amax(0)  # (L,)
+        assert diff[:j].max() <= 1e-6 if j else True, (j, diff[:j].argmax().item(), diff[:j].max().item())
+        assert diff[j] > 1e-4, j  # the perturbation is seen: the check is not vacuous
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("length,ratio", [(32, 0.25), (36, 0.25), (16, 1.0)])
+def test_s2_function_is_causal(backend, heads, kv_heads, length, ratio):
+    """Perturbing q/k/v of token j changes no output at a position i < j, in any head."""
+    module = _attention_module(heads, kv_heads)
+    fn = longlora.make_s2_attention(backend, ratio)
+    q = torch.randn(2, heads, length, 16)
+    k, v = torch.randn(2, kv_heads, length, 16), torch.randn(2, kv_heads, length, 16)
+    base, _ = fn(module, q, k, v, None, scaling=module.scaling, dropout=0.0)
+    outputs = {}
+    for j in range(length):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, j] += 3.0
+        outputs[j] = fn(module, q2, k2, v2, None, scaling=module.scaling, dropout=0.0)[0]
+    _assert_causal(outputs, base, length)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["llama2-tiny", "llama3-tiny"])  # MHA, GQA
+def test_model_train_mode_is_causal(name, backend):
+    """Whole model in train mode: changing input token j changes no logit at a position i < j."""
+    model, _ = _pair(name, backend)
+    length = 32
+    ids = torch.randint(0, 512, (2, length))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        outputs = {}
+        for j in range(length):
+            ids2 = ids.clone()
+            ids2[:, j] = (ids2[:, j] + 1 + j) % 512
+            outputs[j] = model(input_ids=ids2).logits
+    _assert_causal(outputs, base, length)
 
 
 def test_s2_function_in_eval_mode_is_the_inner_implementation():

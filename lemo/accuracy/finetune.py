@@ -71,10 +71,15 @@ def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> l
     """Perplexity at each eval context (same tokens for all) and passkey accuracy at each length."""
     docs = long_documents(corpus_dir, "heldout", cfg.eval_tokens_per_doc)
     rows = []
+    shortest = min(cfg.eval_contexts)  # its window starts are left unscored at every context
     for context in cfg.eval_contexts:
-        r = perplexity(model, docs, context, cfg.eval_tokens_per_doc, batch_size=cfg.eval_batch_size)
+        r = perplexity(model, docs, context, cfg.eval_tokens_per_doc, batch_size=cfg.eval_batch_size,
+                       unscored_every=shortest)
         rows.append({"metric": "perplexity", "context": context, "value": r["ppl"], "nll": r["nll"],
                      "tokens": r["tokens"], "documents": len(docs)})
+    if len({r["tokens"] for r in rows}) != 1:
+        raise ValueError(f"eval contexts {cfg.eval_contexts} scored different token counts; use contexts that are "
+                         "multiples of the shortest")
     tok = load_tokenizer(model_dir)
     for length in cfg.passkey_lengths:
         r = passkey_accuracy(model, tok, length, trials=cfg.passkey_trials, seed=cfg.seed)

@@ -24,28 +24,39 @@ class PasskeySample:
     ids: list[int]  # prompt + answer tokens
     answer_start: int  # index of the first answer token in ids
     key: int
-    key_start: int  # token index where the key line starts
-    key_end: int  # token index one past the key line
+    key_start: int  # token holding the key line's first character
+    key_end: int  # token holding the first character after the key line
+
+
+def _encode(tokenizer, text: str):
+    """The text's tokens as one piece (no BOS/EOS): pieces encoded apart would join differently."""
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def make_sample(tokenizer, length: int, depth: float, key: int) -> PasskeySample:
-    """About `length` tokens with the key line after `depth` (0..1) of the filler."""
+    """At most `length` tokens with the key line after `depth` (0..1) of the filler."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    enc = lambda s: tokenizer.encode(s).ids  # noqa: E731
-    intro, filler, question = enc(INTRO), enc(FILLER), enc(QUESTION)
-    key_line, answer = enc(KEY_LINE.format(key=key)), enc(f" {key}")
-    budget = length - len(intro) - len(key_line) - len(question) - len(answer)
-    if budget < len(filler):
+    key_line, answer = KEY_LINE.format(key=key), f" {key}"
+    per_filler = (len(_encode(tokenizer, FILLER * 11).ids) - len(_encode(tokenizer, FILLER).ids)) / 10
+    fixed = len(_encode(tokenizer, INTRO + key_line + QUESTION + answer).ids)
+    n_fill = int((length - fixed) // per_filler)
+    if n_fill < 1:
         raise ValueError(f"length {length} is too short for a passkey prompt")
-    n_fill = budget // len(filler)
-    before = round(n_fill * depth)
-    ids = intro + filler * before
-    key_start = len(ids)
-    ids = ids + key_line
-    key_end = len(ids)
-    ids = ids + filler * (n_fill - before) + question
-    return PasskeySample(ids + answer, len(ids), key, key_start, key_end)
+    while True:
+        before = round(n_fill * depth)
+        prompt = INTRO + FILLER * before + key_line + FILLER * (n_fill - before) + QUESTION
+        full = _encode(tokenizer, prompt + answer)
+        if len(full.ids) <= length or n_fill == 1:
+            break
+        n_fill -= 1
+    answer_start = len(_encode(tokenizer, prompt).ids)
+    if full.ids[:answer_start] != _encode(tokenizer, prompt).ids:
+        raise ValueError("this tokenizer merges the answer into the question's last token; passkey scoring "
+                         "needs the answer to start a new token")
+    key_char = len(INTRO + FILLER * before)
+    return PasskeySample(list(full.ids), answer_start, key, full.char_to_token(key_char),
+                         full.char_to_token(key_char + len(key_line)))
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
 """Perplexity of held-out long documents at a given context length.
 
-Every context length scores the same tokens: the first `tokens_per_doc` tokens of each held-out
-document that has at least that many, cut into non-overlapping windows of `context` tokens (each
-window predicts its tokens 2..context from the ones before it, as in LongLoRA's evaluation). Longer
-contexts then differ only in how much history each prediction sees.
+The first `tokens_per_doc` tokens of each held-out document that has at least that many are cut into
+non-overlapping windows of `context` tokens; each window predicts its tokens 2..context from the ones
+before it (LongLoRA's evaluation). A window's first token has no prediction, so the shortest context
+leaves the most tokens unscored; with `unscored_every` = the shortest context, every context skips
+exactly those positions and all contexts score the same tokens, differing only in how much history
+each prediction sees.
 """
 
 from __future__ import annotations
@@ -27,18 +29,28 @@ def windows(docs: list[np.ndarray], context: int, tokens_per_doc: int) -> torch.
 
 
 @torch.no_grad()
-def perplexity(model, docs: list[np.ndarray], context: int, tokens_per_doc: int, batch_size: int = 1) -> dict:
-    """{'nll': mean next-token NLL (nats), 'ppl': exp(nll), 'tokens': predictions, 'windows': W}."""
+def perplexity(model, docs: list[np.ndarray], context: int, tokens_per_doc: int, batch_size: int = 1,
+               unscored_every: int | None = None) -> dict:
+    """{'nll': mean next-token NLL (nats), 'ppl': exp(nll), 'tokens': predictions, 'windows': W}.
+
+    `unscored_every` = m leaves out predictions of the tokens at positions k*m of each document (the
+    window starts at context m), so that contexts that are multiples of m score the same tokens."""
+    if unscored_every is not None and context % unscored_every:
+        raise ValueError(f"context {context} is not a multiple of unscored_every={unscored_every}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     data = windows(docs, context, tokens_per_doc)
+    positions = torch.arange(1, context, device=device)  # target positions within a window
+    keep = torch.ones(context - 1, dtype=torch.bool, device=device) if unscored_every is None else \
+        positions % unscored_every != 0  # window offsets are multiples of the context, hence of m
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         ids = data[i:i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, context - 1)
+        total += nll[:, keep].sum().item()
+        count += int(keep.sum()) * len(ids)
     model.train(was_training)
     nll = total / count
     return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": len(data)}

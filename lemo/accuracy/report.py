@@ -117,6 +117,17 @@ def predictor_section(pred_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _scored_tokens(frame: pd.DataFrame) -> str:
+    """Whether every context scored the same tokens (it does since window starts are left out at all)."""
+    if "tokens" not in frame:
+        return ""
+    counts = frame[frame.metric == "perplexity"].groupby("context")["tokens"].max()
+    if counts.nunique() == 1:
+        return f"the same {int(counts.iloc[0])} scored tokens at every context."
+    return (f"scored tokens {int(counts.min())} to {int(counts.max())} (longer windows score the starts of "
+            "shorter ones; runs before the same-token fix).")
+
+
 def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = None) -> str:
     parts = []
     if pretrain:
@@ -134,9 +145,9 @@ def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = 
         cfg = json.loads(ft.finetune_config.iloc[0])
         parts.append(f"Fine-tuning: RoPE linear x{cfg['rope_factor']:g} to {cfg['context']} tokens, {cfg['steps']} steps of "
                      f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, same data "
-                     "order for every method. Evaluation: dense model (adapters on), same held-out tokens at every "
-                     f"context ({int(frame[frame.metric == 'perplexity'].documents.iloc[0])} documents x "
-                     f"{cfg['eval_tokens_per_doc']} tokens).")
+                     "order for every method. Evaluation: dense model (adapters on), "
+                     f"{int(frame[frame.metric == 'perplexity'].documents.iloc[0])} held-out documents x "
+                     f"{cfg['eval_tokens_per_doc']} tokens at every context; " + _scored_tokens(frame))
     prov = frame.iloc[0]
     parts.append(f"Measured on {prov.get('gpu', '?')}, torch {prov.get('torch', '?')}, transformers "
                  f"{prov.get('transformers', '?')}, commit `{str(prov.get('git_commit', '?'))[:10]}`.")

@@ -18,12 +18,13 @@ class ScatterAddRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, index, rows):
         ctx.save_for_backward(index)
-        return base.index_add(0, index, rows)
+        ctx.rows_dtype = rows.dtype  # under autocast the rows are bf16 while the residual stream is fp32
+        return base.index_add(0, index, rows.to(base.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        grad_rows = grad.index_select(0, index) if ctx.needs_input_grad[2] else None
+        grad_rows = grad.index_select(0, index).to(ctx.rows_dtype) if ctx.needs_input_grad[2] else None
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import torch
+
+from ..results import write_rows
 
 
 def load_model(model: str, context: int | None, dtype: str | None = None, seed: int = 0, rope_factor: float = 1.0):
@@ -72,19 +73,24 @@ def eval_command(args) -> int:
     scores = collect_scores(lm, preds, data, kernels=args.kernels)
     rows = recall_rows(scores, args.keep_ratio)
     if args.tune_thresholds:
-        thresholds, tuned = tune_thresholds(scores, args.keep_ratio, args.target_recall, args.metric)
+        # Tuned on other windows of the split than the recall is reported on (seed + 2 vs seed + 1).
+        tune_data = _corpus_batches(args.corpus, args.split, args.context, args.batch, args.batches, args.seed + 2)
+        tune_scores = collect_scores(lm, preds, tune_data, kernels=args.kernels)
+        thresholds, tuned = tune_thresholds(tune_scores, args.keep_ratio, args.target_recall, args.metric)
         rows += recall_rows(scores, args.keep_ratio, thresholds)
         path = Path(args.thresholds_out or Path(args.out).with_suffix(".thresholds.json"))
-        path.write_text(json.dumps({"threshold": {str(k): v for k, v in thresholds.items()}, "rows": tuned,
+        path.write_text(json.dumps({"threshold": {str(k): v for k, v in thresholds.items()}, "tuning_rows": tuned,
                                     "keep_ratio": args.keep_ratio, "target_recall": args.target_recall,
-                                    "metric": args.metric}, indent=1) + "\n")
+                                    "metric": args.metric, "tuned_on_seed": args.seed + 2,
+                                    "evaluated_on_seed": args.seed + 1}, indent=1) + "\n")
         print(f"thresholds -> {path}")
+    from ..provenance import provenance
+
+    prov = {k: v for k, v in provenance(next(lm.parameters()).device).items() if not isinstance(v, (dict, list))}
+    rows = [{**r, "context": args.context, "batches": args.batches, "batch": args.batch, "split": args.split,
+             "dtype": str(next(lm.parameters()).dtype), **prov} for r in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(args.out, rows)
     for r in rows:
         print(f"layer {r['layer']!s:>4} {r['selection']:9s} recall {r['recall']:.3f} mass {r['mass_recall']:.3f} "
               f"kept {r['kept_fraction']:.3f}")
