@@ -196,15 +196,17 @@ class JobRunner:
             traceback.print_exc()
             return self.record(p, "error", f"{type(err).__name__}: {str(err)[:300]}", extra={"rope_factor": factor})
         finally:
-            if model is not None:
-                for t in model.parameters():
-                    t.grad = None
-                method.teardown(model)
-            with torch.no_grad():
-                params = dict(base.named_parameters())
-                for n, saved in touched.items():
-                    params[n].copy_(saved)
-            _free(self.device)
+            try:
+                if model is not None:
+                    for t in model.parameters():
+                        t.grad = None
+                    method.teardown(model)
+            finally:
+                with torch.no_grad():
+                    params = dict(base.named_parameters())
+                    for n, saved in touched.items():
+                        params[n].copy_(saved)
+                _free(self.device)
 
 
 def _set_checkpointing(model, on: bool) -> None:

@@ -56,6 +56,7 @@ def _ceilings(paths: list[Path]) -> dict:
     for p in paths:
         if p.stem == "ceilings":
             c = pd.read_csv(p)
+            c = c[c.status.fillna("ok") == "ok"] if "status" in c else c
             return {r.ceiling: (r.value, r.unit) for r in c.itertuples()}
     return {}
 

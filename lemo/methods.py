@@ -17,7 +17,11 @@ from .config import LeMoConfig
 
 def _setup_lemo(model, options: dict):
     model = lora.setup(model, options)
-    return apply_lemo(model, LeMoConfig.from_dict(options.get("lemo", {})))
+    try:
+        return apply_lemo(model, LeMoConfig.from_dict(options.get("lemo", {})))
+    except Exception:
+        model.unload()  # a refused LeMo config must not leave LoRA in a model the caller reuses
+        raise
 
 
 def _teardown_lora(model):

@@ -44,7 +44,7 @@ def _finetune(args) -> int:
     for label in args.methods:
         options = exp.method_options(label, Path(args.predictors) if args.predictors else None)
         finetune(Path(args.model), Path(args.corpus), Path(args.out), label, options, exp.finetune,
-                 device=_device(args.device))
+                 device=_device(args.device), save_trained=Path(args.save_trained) if args.save_trained else None)
     return 0
 
 
@@ -88,6 +88,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", required=True, help="method labels of the experiment")
     p.add_argument("--predictors", default=None, help="predictor directory for predictor-driven methods")
+    p.add_argument("--save-trained", default=None, help="directory for each run's trained parameters (LABEL.pt)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_finetune)
     p = sub.add_parser("eval-base", help="perplexity + passkey of the model before fine-tuning")

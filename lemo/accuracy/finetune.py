@@ -32,12 +32,20 @@ class FinetuneConfig:
     lr: float = 1e-3
     warmup: int = 20
     seed: int = 0
+    # "float32": fp32 weights, bf16 autocast on CUDA (base weights a method trains, like LongLoRA's norms,
+    # then take updates smaller than bf16's resolution); "model": train the weights in bf16 as loaded.
+    master_weights: str = "float32"
     gradient_checkpointing: bool = False
     eval_contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     eval_tokens_per_doc: int = 16384
     eval_batch_size: int = 4
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
     passkey_trials: int = 20
+
+
+def _autocast(cfg: "FinetuneConfig", device):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=cfg.master_weights == "float32" and device.type == "cuda")
 
 
 def load_extended(model_dir: Path, rope_factor: float, device, dtype=torch.bfloat16, attn: str = "sdpa"):
@@ -70,6 +78,12 @@ def load_tokenizer(model_dir: Path):
 def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> list[dict]:
     """Perplexity at each eval context (same tokens for all) and passkey accuracy at each length."""
     docs = long_documents(corpus_dir, "heldout", cfg.eval_tokens_per_doc)
+    device = next(model.parameters()).device
+    with _autocast(cfg, device):
+        return _evaluate(model, model_dir, docs, cfg)
+
+
+def _evaluate(model, model_dir: Path, docs, cfg: FinetuneConfig) -> list[dict]:
     rows = []
     shortest = min(cfg.eval_contexts)  # its window starts are left unscored at every context
     for context in cfg.eval_contexts:
@@ -89,15 +103,21 @@ def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> l
 
 
 def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, options: dict, cfg: FinetuneConfig,
-             device: str = "cuda") -> list[dict]:
-    """Fine-tune with method `options["method"]`, write loss curve + eval rows under out_dir/label."""
+             device: str = "cuda", save_trained: Path | None = None) -> list[dict]:
+    """Fine-tune with method `options["method"]`, write loss curve + eval rows under out_dir/label (and
+    the trained parameters to save_trained/label.pt)."""
     from ..provenance import provenance
 
+    if cfg.steps < 1:
+        raise ValueError(f"fine-tuning needs steps >= 1, got {cfg.steps}; `lemo eval-base` evaluates without training")
+    if cfg.master_weights not in ("float32", "model"):
+        raise ValueError(f"master_weights must be 'float32' or 'model', got {cfg.master_weights!r}")
     device = torch.device(device)
     out = Path(out_dir) / label
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = load_extended(model_dir, cfg.rope_factor, device)
+    model = load_extended(model_dir, cfg.rope_factor, device,
+                          dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16)
     method = get_method(options["method"])
     model = method.setup(model, options)
     if cfg.gradient_checkpointing:
@@ -113,7 +133,8 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
         ids = ids.to(device)
         for g in opt.param_groups:
             g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss = model(input_ids=ids, labels=ids).loss
+        with _autocast(cfg, device):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -134,6 +155,10 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
             **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
     rows = [{**meta, **r} for r in rows]
     (out / "eval.json").write_text(json.dumps(rows, indent=1, default=str))
+    if save_trained is not None:
+        Path(save_trained).mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                   Path(save_trained) / f"{label}.pt")
     return rows
 
 
@@ -144,7 +169,8 @@ def evaluate_base(model_dir: Path, corpus_dir: Path, out_dir: Path, cfg: Finetun
     device = torch.device(device)
     rows = []
     for label, factor in (("pretrained", 1.0), ("pretrained+PI", cfg.rope_factor)):
-        model = load_extended(model_dir, factor, device)
+        model = load_extended(model_dir, factor, device,
+                              dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16)
         meta = {"label": label, "method": "none", "options": json.dumps({"rope_factor": factor}),
                 "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
                 **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}

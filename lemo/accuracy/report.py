@@ -144,7 +144,9 @@ def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = 
     if not ft.empty:
         cfg = json.loads(ft.finetune_config.iloc[0])
         parts.append(f"Fine-tuning: RoPE linear x{cfg['rope_factor']:g} to {cfg['context']} tokens, {cfg['steps']} steps of "
-                     f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, same data "
+                     f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, "
+                     + ("fp32 weights with bf16 autocast" if cfg.get("master_weights") == "float32" else
+                        "bf16 weights without an fp32 master copy") + ", same data "
                      "order for every method. Evaluation: dense model (adapters on), "
                      f"{int(frame[frame.metric == 'perplexity'].documents.iloc[0])} held-out documents x "
                      f"{cfg['eval_tokens_per_doc']} tokens at every context; " + _scored_tokens(frame))

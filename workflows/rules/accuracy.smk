@@ -104,7 +104,8 @@ rule finetune:
         gpu=1,
     shell:
         "{PY} -m lemo finetune --experiment {ACCURACY_FILE} --model {input.model} --corpus {input.corpus} "
-        "{params.predictors} --out {ACC_RESULTS}/runs --methods {wildcards.label} > {log} 2>&1"
+        "{params.predictors} --out {ACC_RESULTS}/runs --methods {wildcards.label} --save-trained {ACC_DATA}/trained "
+        "> {log} 2>&1"
 
 
 rule accuracy_report:

@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -5,7 +6,6 @@ import sys
 from lemo.sweep import jobs, load_sweep
 
 wildcard_constraints:
-    name="[^/]+",
     kernel="[a-z_]+",
     model="[A-Za-z0-9_.-]+",
 
@@ -29,6 +29,14 @@ def detect_sweep():
 SWEEP_FILE = config.get("sweep") or detect_sweep()
 SWEEP = load_sweep(SWEEP_FILE)
 NAME = SWEEP["name"]
+
+
+# Only this sweep's results can be made here: asking for another sweep's files must not run this
+# sweep's jobs under its name (select that sweep with --config sweep=...).
+wildcard_constraints:
+    name=re.escape(NAME),
+
+
 JOBS = {job.id: job for job in jobs(SWEEP)}
 MODELS = sorted({job.model for job in JOBS.values()})
 
