@@ -118,3 +118,14 @@ def test_a_failed_point_skips_its_longer_contexts_naming_the_failure(tmp_path, m
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
     assert recs["sdpa-math__lora__256__b1.json"]["status"] == "error"
     assert recs["sdpa-math__lora__512__b1.json"]["reason"] == "failed at 256 tokens"
+
+
+def test_a_refused_lemo_setup_leaves_no_lora_in_the_model(tmp_path):
+    from lemo.methods import get_method
+    from lemo.models.registry import build_model
+
+    base = build_model("llama2-tiny", dtype=torch.float32)
+    names = {n for n, _ in base.named_modules()}
+    with pytest.raises(ValueError, match="train-predictors"):
+        get_method("lemo").setup(base, {"lemo": {"scorer": "predictor", "predictor_path": str(tmp_path)}})
+    assert {n for n, _ in base.named_modules()} == names  # no lora_A / lora_B left behind
