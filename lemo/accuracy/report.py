@@ -108,12 +108,21 @@ def predictor_section(pred_dir: Path) -> str:
                      + (f"; hidden widths {tuple(meta.get('initial_widths', ()))} -> "
                         f"{', '.join(map(str, widths))} after elastic pruning" if widths else "") + ".")
     r = pd.read_csv(recall_csv)
-    lines = ["| selection | layer | recall | attention-mass recall | kept fraction | threshold |", "|---|---|---|---|---|---|"]
+    lines = ["| selection | layer | recall | block-score-mass recall | kept fraction | threshold |", "|---|---|---|---|---|---|"]
     for row in r.itertuples():
         thr = "" if pd.isna(row.threshold) else f"{row.threshold:.3f}"
         lines.append(f"| {row.selection} | {row.layer} | {row.recall:.3f} | {row.mass_recall:.3f} | "
                      f"{row.kept_fraction:.3f} | {thr} |")
-    parts += ["**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%):", "\n".join(lines)]
+    where = ""
+    if "gpu" in r:
+        where = f" Evaluated on {r.gpu.iloc[0]} ({r.dtype.iloc[0]}), {int(r.batches.iloc[0]) * int(r.batch.iloc[0])} windows of " \
+                f"{int(r.context.iloc[0])} tokens, commit `{str(r.git_commit.iloc[0])[:10]}`."
+    tuned = pred_dir / "recall.thresholds.json"
+    if tuned.exists() and "tuned_on_seed" in json.loads(tuned.read_text()):
+        where += " Thresholds were tuned on other held-out windows than these (target recall " \
+                 f"{json.loads(tuned.read_text())['target_recall']:g})."
+    parts += [f"**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%).{where}",
+              "\n".join(lines)]
     return "\n\n".join(parts)
 
 
