@@ -110,7 +110,8 @@ def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None 
     commits = ", ".join(sorted(c[:10] for c in frame.git_commit.dropna().astype(str).unique()))
     warmup = ", ".join(map(str, sorted(frame.warmup.unique())))
     steps = ", ".join(map(str, sorted(frame.steps.unique())))
-    out = [f"Measured on {gpu} (commit {commits}); batch 1; {warmup} warm-up step(s), then the median of "
+    batch = ", ".join(map(str, sorted(frame.batch_size.unique()))) if "batch_size" in frame else "1"
+    out = [f"Measured on {gpu} (commit {commits}); batch {batch}; {warmup} warm-up step(s), then the median of "
            f"{steps} timed step(s).", ""]
     target_table = targets(frame, baseline=baseline)
     if target_table.count("\n") > 1:

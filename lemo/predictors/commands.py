@@ -25,6 +25,9 @@ def load_model(model: str, context: int | None, dtype: str | None = None, seed: 
 
         lm = load_extended(Path(model), rope_factor, device, dtype=dt)
     else:
+        if rope_factor != 1.0:
+            raise ValueError(f"--rope-factor applies to a checkpoint directory; registry model {model!r} takes its "
+                             "RoPE scaling from --context")
         lm = build_model(model, context=context, device=device, dtype=dt, seed=seed)
     lm.requires_grad_(False)
     return lm.eval()

@@ -95,7 +95,7 @@ rule finetune:
         f"{ACC_RESULTS}/runs/{{label}}/eval.json",
         f"{ACC_RESULTS}/runs/{{label}}/loss.csv",
     wildcard_constraints:
-        label="|".join(ACCURACY_METHODS),
+        label="|".join(re.escape(m) for m in ACCURACY_METHODS),
     params:
         predictors=lambda w, input: f"--predictors {input.predictors}" if input.predictors else "",
     log:
