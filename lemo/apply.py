@@ -174,7 +174,8 @@ def apply_lemo(model, config: LeMoConfig | None = None):
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
     forward_patched = config.segment_loss_tokens > 0
     if forward_patched:
-        lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens)
+        lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens,
+                                       config.loss_kernel)
     lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched)
     return model
 
@@ -210,7 +211,7 @@ def lemo_state(model) -> _ForwardState:
     return handle.state
 
 
-def _segmented_forward(lm, original_forward, segment: int, input_ids=None, attention_mask=None, position_ids=None,
+def _segmented_forward(lm, original_forward, segment: int, kernel: str, input_ids=None, attention_mask=None, position_ids=None,
                        labels=None, inputs_embeds=None, **kwargs):
     """The causal LM's forward, with the loss computed segment by segment when training with labels."""
     if labels is None or not torch.is_grad_enabled() or not lm.training:
@@ -224,5 +225,5 @@ def _segmented_forward(lm, original_forward, segment: int, input_ids=None, atten
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
     loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment,
-                             kernel=lm._lemo.config.loss_kernel)
+                             kernel=kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)

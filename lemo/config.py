@@ -13,6 +13,15 @@ MOVEMENT_KERNELS = ("torch", "triton")
 LOSS_KERNELS = ("torch", "triton", "liger")
 
 
+def from_fields(cls, data: dict, where: str):
+    """`cls(**data)` for a dataclass, naming unknown keys instead of failing on the first one."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class LeMoConfig:
     """Contextual token elimination (LeMo, arXiv 2501.09767).
@@ -110,11 +119,7 @@ class LeMoConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LeMoConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LeMoConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return from_fields(cls, data, "LeMoConfig")
 
     @classmethod
     def from_json(cls, text: str) -> "LeMoConfig":

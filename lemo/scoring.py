@@ -44,11 +44,14 @@ class OracleScorer:
         return block_scores  # raises clearly when Triton cannot run here
 
     @torch.no_grad()
-    def __call__(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
-                 block_size: int) -> torch.Tensor:
+    def block_map(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
+                  block_size: int, return_map: bool = True):
+        """(map (B, nb, nb) fp32 or None, key-block scores (B, nb)) from the layer's real q, k."""
         q, k = project_qk(parts, hidden, position_embeddings)
         doc_ids = None if layout.is_simple else layout.doc_ids
-        scale = parts.scaling * parts.q_prescale
-        _, colsum = self._impl(hidden.device)(q, k, block_size=block_size, scale=scale, doc_ids=doc_ids,
-                                              return_map=False)
-        return colsum
+        return self._impl(hidden.device)(q, k, block_size=block_size, scale=parts.scaling * parts.q_prescale,
+                                         doc_ids=doc_ids, return_map=return_map)
+
+    def __call__(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
+                 block_size: int) -> torch.Tensor:
+        return self.block_map(parts, hidden, position_embeddings, layout, block_size, return_map=False)[1]

@@ -37,7 +37,7 @@ def test_unknown_layer_index_fails():
 
 
 def test_unknown_field_fails():
-    with pytest.raises(ValueError, match="unknown LeMoConfig fields"):
+    with pytest.raises(ValueError, match=r"LeMoConfig: unknown fields \['keep'\]"):
         LeMoConfig.from_dict({"keep": 0.4})
 
 

@@ -14,6 +14,7 @@ On disk (`prepare_corpus(out_dir)`): tokenizer.json, {train,heldout}.npy (uint16
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -204,6 +205,7 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
         stats[split]["documents_by_source"] = by_source
     (out_dir / "heldout_docs.json").write_text(json.dumps([d.name for d in splits["heldout"]], indent=0))
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    _load_split.cache_clear()  # splits opened before this rewrite are stale
     return stats
 
 
@@ -219,6 +221,13 @@ class TokenSplit:
 
 
 def load_split(corpus_dir: Path, split: str) -> TokenSplit:
+    """A split's tokens (memory-mapped) and document starts, opened once per process: training reads
+    a batch of windows from it every step."""
+    return _load_split(str(Path(corpus_dir).resolve()), split)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split(corpus_dir: str, split: str) -> TokenSplit:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     corpus_dir = Path(corpus_dir)

@@ -7,21 +7,14 @@ replaced by the predictor directory, so the predictor-driven LeMo run names its 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ..config import from_fields
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
-
-
-def _build(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass
@@ -50,6 +43,6 @@ def load_experiment(path: Path) -> Experiment:
     if missing:
         raise ValueError(f"{path}: missing sections {sorted(missing)}")
     return Experiment(name=data["name"], corpus=data.get("corpus", {}),
-                      pretrain=_build(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
-                      finetune=_build(FinetuneConfig, data["finetune"], f"{path}: finetune"),
+                      pretrain=from_fields(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
+                      finetune=from_fields(FinetuneConfig, data["finetune"], f"{path}: finetune"),
                       methods=data["methods"], predictors=data.get("predictors", {}))

@@ -50,8 +50,9 @@ def make_sample(tokenizer, length: int, depth: float, key: int) -> PasskeySample
         if len(full.ids) <= length or n_fill == 1:
             break
         n_fill -= 1
-    answer_start = len(_encode(tokenizer, prompt).ids)
-    if full.ids[:answer_start] != _encode(tokenizer, prompt).ids:
+    prompt_ids = _encode(tokenizer, prompt).ids
+    answer_start = len(prompt_ids)
+    if full.ids[:answer_start] != prompt_ids:
         raise ValueError("this tokenizer merges the answer into the question's last token; passkey scoring "
                          "needs the answer to start a new token")
     key_char = len(INTRO + FILLER * before)

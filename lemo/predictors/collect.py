@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.block_scores import block_scores, block_scores_torch
 from ..layout import TokenLayout, make_layout
 from ..models.adapters import LayerParts, get_adapter, unwrap
-from ..scoring import project_qk
+from ..scoring import OracleScorer
 
 
 class _Stop(Exception):
@@ -63,20 +62,11 @@ def run_layers(model, batch, layers: list[int], fn) -> dict:
     return results
 
 
-def _impl(kernels: str, device: torch.device):
-    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
-        return block_scores_torch
-    return block_scores
-
-
 def doc_ids_of(layout: TokenLayout) -> torch.Tensor | None:
     return None if layout.is_simple else layout.doc_ids
 
 
-@torch.no_grad()
 def oracle_block_map(parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
                      block_size: int, kernels: str = "auto", return_map: bool = True):
-    """The oracle's (map (B, nb, nb) or None, column sums (B, nb)), fp32, from the layer's real q, k."""
-    q, k = project_qk(parts, hidden, position_embeddings)
-    return _impl(kernels, hidden.device)(q, k, block_size=block_size, scale=parts.scaling * parts.q_prescale,
-                                         doc_ids=doc_ids_of(layout), return_map=return_map)
+    """The oracle's (map (B, nb, nb) or None, column sums (B, nb)), fp32: what OracleScorer computes."""
+    return OracleScorer(kernels).block_map(parts, hidden, position_embeddings, layout, block_size, return_map)
