@@ -102,7 +102,8 @@ class JobRunner:
         backend = get_backend(p.attention)
         rec = {
             "point": p.as_dict(),
-            "method_description": get_method(p.method_name).describe(p.options),
+            "method_description": get_method(p.method_name).describe(p.options)
+                                  + (" + saved activations offloaded to host memory" if p.offload_activations else ""),
             "attention_label": backend.label,
             "status": status,
             "reason": reason,
@@ -171,7 +172,7 @@ class JobRunner:
             trainable = [t for t in model.parameters() if t.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4)
             with attention_context(p.attention):
-                stats = time_steps(model, batch, optimizer, p.warmup, p.steps)
+                stats = time_steps(model, batch, optimizer, p.warmup, p.steps, offload=p.offload_activations)
                 metrics = {
                     "step_s": stats.median_s, "step_s_min": min(stats.step_s), "step_s_max": max(stats.step_s),
                     "steps_timed": len(stats.step_s), "tokens_per_s": stats.tokens_per_s, "loss": stats.loss,

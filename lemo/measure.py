@@ -9,6 +9,7 @@ counted by a saved-tensors hook during one extra forward: unique storages, param
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -129,8 +130,21 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def train_step(model, batch: dict, optimizer) -> float:
-    loss = model(**batch).loss
+def offloading(on: bool):
+    """Tensors saved for backward go to (pinned) host memory during the forward when `on`.
+
+    Under non-reentrant checkpointing the saved tensors are the checkpointed layers' inputs (torch
+    saves them through the same hooks), so offloading moves the per-layer residual stream off the GPU;
+    recomputation in backward runs outside this context and stays on the GPU.
+    """
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
+def train_step(model, batch: dict, optimizer, offload: bool = False) -> float:
+    with offloading(offload):
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -156,11 +170,11 @@ class StepStats:
         return self.tokens / self.median_s
 
 
-def time_steps(model, batch: dict, optimizer, warmup: int, steps: int) -> StepStats:
+def time_steps(model, batch: dict, optimizer, warmup: int, steps: int, offload: bool = False) -> StepStats:
     """Warm up, then time `steps` training steps; memory peaks cover the timed steps only."""
     device = batch["input_ids"].device
     for _ in range(warmup):
-        train_step(model, batch, optimizer)
+        train_step(model, batch, optimizer, offload)
     _sync(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -172,7 +186,7 @@ def time_steps(model, batch: dict, optimizer, warmup: int, steps: int) -> StepSt
         for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
-            loss = train_step(model, batch, optimizer)
+            loss = train_step(model, batch, optimizer, offload)
             _sync(device)
             times.append(time.perf_counter() - start)
     return StepStats(

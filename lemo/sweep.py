@@ -19,6 +19,9 @@ from .methods import METHODS
 from .models.registry import REGISTRY
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
+# Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
+# checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading).
+METHOD_KEYS = {"method", "lora", "lemo", "longlora", "offload_activations"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class Point:
     seed: int = 0
     profile: bool = False
     saved_bytes: bool = True
+
+    @property
+    def offload_activations(self) -> bool:
+        return bool(self.options.get("offload_activations", False))
 
     def key(self) -> tuple:
         return (self.model, self.attention, self.gradient_checkpointing, self.method, self.context, self.batch_size)
@@ -70,6 +77,11 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
     for label, spec in methods.items():
         if spec.get("method") not in METHODS:
             raise ValueError(f"{where}: method {label!r} runs unknown method {spec.get('method')!r}; known: {list(METHODS)}")
+        unknown = set(spec) - METHOD_KEYS
+        if unknown:
+            raise ValueError(f"{where}: method {label!r} has unknown keys {sorted(unknown)}; known: {sorted(METHOD_KEYS)}")
+        if not isinstance(spec.get("offload_activations", False), bool):
+            raise ValueError(f"{where}: method {label!r}: offload_activations must be true or false")
     for i, group in enumerate(sweep.get("groups") or []):
         for m in group["models"]:
             if m not in REGISTRY:

@@ -49,3 +49,58 @@ def test_time_steps_reports_median_and_throughput_on_cpu():
     assert stats.peak_allocated is None and stats.nvml_peak_used is None  # no CUDA, no NVML here
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, "the optimizer step did not update the LoRA parameters"
+
+
+def _checkpointed_lemo_model():
+    from lemo import LeMoConfig, apply_lemo
+    from lemo.bench import _set_checkpointing
+
+    model = apply_lemo(tiny_lora_model("llama2-tiny"), LeMoConfig(block_size=8, keep_ratio=0.5))
+    _set_checkpointing(model, True)
+    return model
+
+
+def test_offloading_moves_every_checkpointed_layer_input():
+    """The premise of activation offload: non-reentrant checkpointing saves each layer's input through
+    the saved-tensors hooks that `offloading` installs (were it held by reference, it would stay on the GPU)."""
+    from lemo.measure import offloading
+
+    assert isinstance(offloading(True), torch.autograd.graph.saved_tensors_hooks)
+    model = _checkpointed_lemo_model()
+    layers = model.base_model.model.model.layers
+    inputs, packed = {}, set()
+
+    def record_input(i):
+        def hook(module, args, kwargs):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).data_ptr()
+        return hook
+
+    def pack(t):
+        packed.add(t.data_ptr())
+        return t.detach()
+
+    hooks = [layer.register_forward_pre_hook(record_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    ids = torch.randint(0, 512, (1, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(layers)
+    missing = [i for i, ptr in inputs.items() if ptr not in packed]
+    assert not missing, f"layer inputs not offloaded (kept by reference): {missing}"
+
+
+def test_offloaded_step_gives_the_same_gradients():
+    from tests.helpers import assert_grads_close, lora_grads
+    from lemo.measure import offloading
+
+    ids = torch.randint(0, 512, (2, 64))
+    grads = []
+    for offload in (False, True):
+        model = _checkpointed_lemo_model()
+        with offloading(offload):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append(lora_grads(model))
+    assert_grads_close(grads[0], grads[1], rtol=0, atol=0)

@@ -31,6 +31,8 @@ def test_jobs_group_by_model_backend_checkpointing_in_context_order():
     (lambda s: s["groups"][0].update(attention=["flash3"]), "unknown attention backend"),
     (lambda s: s["groups"][0].update(methods=["nope"]), "not defined under methods"),
     (lambda s: s["methods"].update(x={"method": "magic"}), "unknown method 'magic'"),
+    (lambda s: s["methods"]["lora"].update(offload=True), r"unknown keys \['offload'\]"),
+    (lambda s: s["methods"]["lora"].update(offload_activations="yes"), "offload_activations must be true or false"),
 ])
 def test_bad_sweeps_fail_naming_the_problem(change, words):
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
@@ -49,10 +51,10 @@ def test_duplicate_points_are_an_error():
 def test_job_writes_records_skips_unavailable_backends_and_records_oom(tmp_path, monkeypatch):
     real = bench.time_steps
 
-    def oom_at_512(model, batch, optimizer, warmup, steps):
+    def oom_at_512(model, batch, optimizer, warmup, steps, **kw):
         if batch["input_ids"].shape[1] == 512:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, batch, optimizer, warmup, steps)
+        return real(model, batch, optimizer, warmup, steps, **kw)
 
     monkeypatch.setattr(bench, "time_steps", oom_at_512)
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
@@ -108,7 +110,7 @@ def test_methods_that_train_base_weights_leave_the_shared_model_unchanged(tmp_pa
 
 
 def test_a_failed_point_skips_its_longer_contexts_naming_the_failure(tmp_path, monkeypatch):
-    def broken(model, batch, optimizer, warmup, steps):
+    def broken(model, batch, optimizer, warmup, steps, **kw):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(bench, "time_steps", broken)
@@ -129,3 +131,24 @@ def test_a_refused_lemo_setup_leaves_no_lora_in_the_model(tmp_path):
     with pytest.raises(ValueError, match="train-predictors"):
         get_method("lemo").setup(base, {"lemo": {"scorer": "predictor", "predictor_path": str(tmp_path)}})
     assert {n for n, _ in base.named_modules()} == names  # no lora_A / lora_B left behind
+
+
+def test_offloaded_method_runs_and_says_so(tmp_path, monkeypatch):
+    seen = []
+    real = bench.time_steps
+
+    def spy(model, batch, optimizer, warmup, steps, offload=False):
+        seen.append(offload)
+        return real(model, batch, optimizer, warmup, steps, offload=offload)
+
+    monkeypatch.setattr(bench, "time_steps", spy)
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["methods"]["lemo-offload"] = {**sweep["methods"]["lemo-token"], "offload_activations": True}
+    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], gradient_checkpointing=True,
+                              methods=["lemo-token", "lemo-offload"])
+    bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    off = recs["sdpa-math__lemo-offload__256__b1.json"]
+    assert seen == [False, True] and off["status"] == "ok"
+    assert "offloaded to host" in off["method_description"]
+    assert "offloaded" not in recs["sdpa-math__lemo-token__256__b1.json"]["method_description"]
