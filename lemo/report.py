@@ -80,6 +80,34 @@ def targets(frame: pd.DataFrame, baseline: str = "lora") -> str:
     return "\n".join(lines)
 
 
+# Memory budgets we can read off a sweep: (label, model, recompute, context, budget in GiB).
+BUDGETS = [
+    ("one step, 256K, with recomputation, within 80 GiB", "llama2-7b", True, 262144, 80.0),
+]
+MEMORY_VIEWS = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
+
+
+def budgets(frame: pd.DataFrame) -> str:
+    """Every method at a budget target's point, with the allocator's and the device's peak.
+
+    A method is within the budget when it ran and its largest measured view of memory (the NVML device
+    peak where sampled, which includes the CUDA context) fits; an OOM row shows the peak it reached
+    before failing, not what it needed."""
+    w = wide(frame)
+    lines = ["| target | model | backend | method | status | step (s) | peak allocated (GiB) | peak reserved (GiB) | "
+             "device peak, NVML (GiB) | within |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, model, gc, context, budget in BUDGETS:
+        pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
+        for r in pts.sort_values(["attention", "method"]).itertuples():
+            views = [getattr(r, c, float("nan")) for c in MEMORY_VIEWS]
+            seen = [v for v in views if not pd.isna(v)]
+            within = "yes" if r.status == "ok" and seen and max(seen) <= budget else "no"
+            cells = [label, model, r.attention, r.method, r.status.upper(), _fmt(getattr(r, "step_s", float("nan")), 1)]
+            cells += [_fmt(v, 1) for v in views] + [within]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
     """Our LoRA peak memory next to the paper artifact's (A800) and our earlier H200 probe's."""
     w = wide(frame)
@@ -116,6 +144,9 @@ def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None 
     target_table = targets(frame, baseline=baseline)
     if target_table.count("\n") > 1:
         out += ["**Targets (same backend; see the commits above for which points share a run)**", "", target_table, ""]
+    budget_table = budgets(frame)
+    if budget_table.count("\n") > 1:
+        out += ["**Memory budget targets (OOM = out of memory on this GPU)**", "", budget_table, ""]
     if paper_csv is not None and probe_csv is not None and "lora-fp32" in set(w.method):
         out += ["**LoRA peak allocated memory (GiB) against earlier figures**", "", anchors(frame, paper_csv, probe_csv), ""]
     mem, mem_label = memory_metric(w)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from lemo.figures import plot_all
-from lemo.report import summary, targets, update_readme
+from lemo.report import budgets, summary, targets, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = ROOT / "results/h200/sweep.csv"
@@ -20,6 +20,18 @@ def test_summary_and_targets_come_from_the_csv():
                        & (frame.gradient_checkpointing == False) & (frame.metric == "peak_allocated_gib")  # noqa: E712
                        ].set_index("method").value[["lora", "lemo-channel"]]
     assert f"{lora / lemo:.2f}x" in t
+
+
+def test_budget_target_reads_every_memory_view_and_marks_oom():
+    frame = pd.read_csv(ROOT / "results/h200-256k/sweep.csv")
+    rows = {line.split(" | ")[3]: line for line in budgets(frame).splitlines()[2:]}
+    peaks = frame[frame.metric == "nvml_peak_used_gib"].set_index("method").value
+    assert rows["lemo-channel-all-offload"].endswith("| yes |") and f"{peaks['lemo-channel-all-offload']:.1f}" in \
+        rows["lemo-channel-all-offload"]
+    assert "| OOM |" in rows["lora"] and rows["lora"].endswith("| no |")
+    over = frame.copy()  # the same point with its device peak above the budget is not within it
+    over.loc[over.metric == "nvml_peak_used_gib", "value"] = 81.0
+    assert budgets(over).splitlines()[2:][1].endswith("| no |")
 
 
 def test_readme_block_replaced_and_missing_block_is_an_error(tmp_path):
