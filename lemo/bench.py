@@ -57,12 +57,12 @@ def set_rope_context(model, spec, context: int) -> int:
     return factor
 
 
-def kernel_time_breakdown(model, batch, optimizer) -> dict:
+def kernel_time_breakdown(model, batch, optimizer, offload: bool = False) -> dict:
     """Device time of one step by kernel category (seconds), from the PyTorch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        train_step(model, batch, optimizer)
+        train_step(model, batch, optimizer, offload)
         torch.cuda.synchronize()
     totals = defaultdict(float)
     for evt in prof.events():
@@ -186,7 +186,7 @@ class JobRunner:
                     metrics["saved_activation_gib"] = saved.total / 2**30
                 if p.profile and self.device.type == "cuda":
                     try:
-                        metrics.update(kernel_time_breakdown(model, batch, optimizer))
+                        metrics.update(kernel_time_breakdown(model, batch, optimizer, p.offload_activations))
                     except Exception as err:  # a breakdown is optional; the step itself was measured
                         metrics["profile_error"] = str(err)[:200]
             return self.record(p, "ok", metrics=metrics, extra={"rope_factor": factor})

@@ -35,7 +35,7 @@ def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None
     `modules` ({name: module}) also attributes bytes to whichever of them is running, deduplicated
     within each module (a storage two modules save counts for both). Tensors saved inside
     non-reentrant checkpoint regions are dropped by the checkpoint and not counted (they are
-    recomputed); the checkpointed inputs it holds are not saved tensors either.
+    recomputed); the inputs the checkpoint keeps pass through this hook and are counted.
     """
     result = SavedBytes()
     params = set()
@@ -130,20 +130,21 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def offloading(on: bool):
-    """Tensors saved for backward go to (pinned) host memory during the forward when `on`.
+def offloading(on: bool, device: torch.device):
+    """Tensors saved for backward go to host memory (pinned, for a CUDA `device`) during the forward when `on`.
 
-    Under non-reentrant checkpointing the saved tensors are the checkpointed layers' inputs (torch
-    saves them through the same hooks), so offloading moves the per-layer residual stream off the GPU;
-    recomputation in backward runs outside this context and stays on the GPU.
+    Under non-reentrant checkpointing the saved tensors are mostly the checkpointed layers' inputs
+    (torch saves them through the same hooks), so offloading moves the per-layer residual stream off
+    the GPU; what is saved outside the layers (final norm, loss) moves too. Recomputation in backward
+    runs outside this context and stays on the GPU.
     """
     if not on:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 def train_step(model, batch: dict, optimizer, offload: bool = False) -> float:
-    with offloading(offload):
+    with offloading(offload, batch["input_ids"].device):
         loss = model(**batch).loss
     loss.backward()
     optimizer.step()

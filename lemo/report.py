@@ -90,9 +90,10 @@ MEMORY_VIEWS = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
 def budgets(frame: pd.DataFrame) -> str:
     """Every method at a budget target's point, with the allocator's and the device's peak.
 
-    A method is within the budget when it ran and its largest measured view of memory (the NVML device
-    peak where sampled, which includes the CUDA context) fits; an OOM row shows the peak it reached
-    before failing, not what it needed."""
+    Within the budget means it ran and its largest view of memory fits: the NVML device peak (which
+    includes the CUDA context) where it was sampled, else the allocator's ("yes (allocator)"). An OOM
+    row shows the peak reached before failing, not what the step needed; points that were skipped or
+    failed say nothing about the budget ("-")."""
     w = wide(frame)
     lines = ["| target | model | backend | method | status | step (s) | peak allocated (GiB) | peak reserved (GiB) | "
              "device peak, NVML (GiB) | within |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -101,7 +102,14 @@ def budgets(frame: pd.DataFrame) -> str:
         for r in pts.sort_values(["attention", "method"]).itertuples():
             views = [getattr(r, c, float("nan")) for c in MEMORY_VIEWS]
             seen = [v for v in views if not pd.isna(v)]
-            within = "yes" if r.status == "ok" and seen and max(seen) <= budget else "no"
+            if r.status == "oom":
+                within = "no"
+            elif r.status != "ok" or not seen:
+                within = "-"
+            else:
+                within = "yes" if max(seen) <= budget else "no"
+                if within == "yes" and pd.isna(views[-1]):
+                    within = "yes (allocator)"
             cells = [label, model, r.attention, r.method, r.status.upper(), _fmt(getattr(r, "step_s", float("nan")), 1)]
             cells += [_fmt(v, 1) for v in views] + [within]
             lines.append("| " + " | ".join(cells) + " |")

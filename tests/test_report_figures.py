@@ -22,16 +22,29 @@ def test_summary_and_targets_come_from_the_csv():
     assert f"{lora / lemo:.2f}x" in t
 
 
+def _budget_rows(frame):
+    return {line.split(" | ")[3]: line for line in budgets(frame).splitlines()[2:]}
+
+
 def test_budget_target_reads_every_memory_view_and_marks_oom():
     frame = pd.read_csv(ROOT / "results/h200-256k/sweep.csv")
-    rows = {line.split(" | ")[3]: line for line in budgets(frame).splitlines()[2:]}
+    rows = _budget_rows(frame)
     peaks = frame[frame.metric == "nvml_peak_used_gib"].set_index("method").value
-    assert rows["lemo-channel-all-offload"].endswith("| yes |") and f"{peaks['lemo-channel-all-offload']:.1f}" in \
-        rows["lemo-channel-all-offload"]
+    assert rows["lemo-channel-all-offload"].endswith("| yes |")
+    assert f"{peaks['lemo-channel-all-offload']:.1f}" in rows["lemo-channel-all-offload"]
     assert "| OOM |" in rows["lora"] and rows["lora"].endswith("| no |")
-    over = frame.copy()  # the same point with its device peak above the budget is not within it
-    over.loc[over.metric == "nvml_peak_used_gib", "value"] = 81.0
-    assert budgets(over).splitlines()[2:][1].endswith("| no |")
+    m = frame.metric
+    over = frame.copy()  # the same point with only its device peak above the budget is not within it
+    over.loc[(over.method == "lemo-channel-all-offload") & (m == "nvml_peak_used_gib"), "value"] = 81.0
+    assert _budget_rows(over)["lemo-channel-all-offload"].endswith("| no |")
+    small_oom = frame.copy()  # an OOM is never within, however low the peak it reached
+    small_oom.loc[(small_oom.method == "lora") & m.str.startswith("peak_"), "value"] = 10.0
+    assert _budget_rows(small_oom)["lora"].endswith("| no |")
+    no_nvml = frame[m != "nvml_peak_used_gib"]
+    assert _budget_rows(no_nvml)["lemo-channel-all-offload"].endswith("| yes (allocator) |")
+    skipped = frame.copy()
+    skipped.loc[skipped.method == "lemo-channel-all", "status"] = "error"
+    assert _budget_rows(skipped)["lemo-channel-all"].endswith("| - |")
 
 
 def test_readme_block_replaced_and_missing_block_is_an_error(tmp_path):
