@@ -92,6 +92,20 @@ def _kernel_report(args) -> int:
     return 0
 
 
+def _targets(args) -> int:
+    from .report import update_readme
+    from .targets import targets_table
+
+    text = targets_table(Path(args.results))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.readme:
+        update_readme(Path(args.readme), args.name, text)
+    if not args.out and not args.readme:
+        print(text)
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -160,6 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="kernels")
     p.set_defaults(func=_kernel_report)
+    p = sub.add_parser("targets", help="where we stand against each project target, from committed results")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default=None)
+    p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
+    p.add_argument("--name", default="targets")
+    p.set_defaults(func=_targets)
     from .accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)

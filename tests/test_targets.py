@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pandas as pd
+
+from lemo.targets import same_run_ratios, target_rows, targets_table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+
+def _row(rows, start):
+    return next(r for r in rows if r.target.startswith(start))
+
+
+def test_ratio_targets_pair_lora_and_lemo_from_one_run():
+    rows = target_rows(RESULTS)
+    k = pd.read_csv(RESULTS / "h200-kernels/sweep.csv")
+    pt = k[(k.model == "llama2-7b") & (k.context == 8192) & (k.gradient_checkpointing == False)  # noqa: E712
+           & (k.attention == "sdpa-flash") & (k.metric == "peak_allocated_gib")].set_index("method")
+    assert pt.git_commit["lora"] == pt.git_commit["lemo-channel-kernels"]
+    expected = pt.value["lora"] / pt.value["lemo-channel-kernels"]
+    assert _row(rows, "peak memory, 8K").measured.startswith(f"{expected:.2f}x")
+    # a LeMo point measured by another commit than LoRA's is not paired with it
+    frame = k.copy()
+    frame.loc[frame.method == "lemo-channel-kernels", "git_commit"] = "other"
+    r = same_run_ratios(frame, "peak_allocated_gib")
+    assert "lemo-channel-kernels" not in set(r.method) and len(r)
+
+
+def test_accuracy_targets_read_the_extended_length():
+    rows = target_rows(RESULTS)
+    a = pd.read_csv(RESULTS / "accuracy/small/accuracy.csv")
+    ppl = a[(a.metric == "perplexity") & (a.context == 8192)].set_index("label").value
+    delta = 100 * (ppl["lemo-token"] / ppl["lora"] - 1)
+    row = _row(rows, "perplexity")
+    assert f"lemo-token {delta:+.1f}%" in row.measured and row.met == ("yes" if delta <= 2 else "no")
+    recall = pd.read_csv(RESULTS / "accuracy/small/predictors/recall.csv")
+    best = recall[recall.layer.astype(str) == "all"].recall.max()
+    assert f"{best:.1%}" in _row(rows, "predictor recall").measured
+
+
+def test_missing_results_say_not_measured(tmp_path):
+    text = targets_table(tmp_path)
+    assert text.count("not measured") >= 6 and "yes" not in text
