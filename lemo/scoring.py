@@ -48,6 +48,11 @@ class OracleScorer:
                   block_size: int, return_map: bool = True):
         """(map (B, nb, nb) fp32 or None, key-block scores (B, nb)) from the layer's real q, k."""
         q, k = project_qk(parts, hidden, position_embeddings)
+        # Under autocast with fp32 weights, RoPE's fp32 tables promote q, k to fp32; the layer's attention
+        # runs in the autocast dtype, so score in it too (fp32 block scores are several times slower).
+        if torch.is_autocast_enabled(q.device.type):
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k = q.to(dtype), k.to(dtype)
         doc_ids = None if layout.is_simple else layout.doc_ids
         return self._impl(hidden.device)(q, k, block_size=block_size, scale=parts.scaling * parts.q_prescale,
                                          doc_ids=doc_ids, return_map=return_map)

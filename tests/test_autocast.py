@@ -31,3 +31,25 @@ def test_lemo_under_autocast_matches_the_dense_model(mlp_mode, movement):
     for n in grads:
         rel = (grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()
         assert rel < 0.1, (n, float(rel))  # bf16 matmuls; the backward paths differ in rounding only
+
+
+def test_oracle_scores_in_the_autocast_dtype(monkeypatch):
+    """fp32 weights under bf16 autocast: RoPE's fp32 tables would promote q, k to fp32 and the block
+    scores would run (slowly) in fp32; the scorer hands them over in bf16, like the attention sees them."""
+    import lemo.scoring as scoring
+
+    seen = []
+    real = scoring.block_scores_torch
+
+    def spy(q, k, **kw):
+        seen.append((q.dtype, k.dtype))
+        return real(q, k, **kw)
+
+    monkeypatch.setattr(scoring, "block_scores_torch", spy)
+    model = apply_lemo(tiny_lora_model("llama2-tiny"), LeMoConfig(block_size=16, keep_ratio=0.5))
+    ids = torch.randint(0, 512, (1, 128))
+    _loss_and_grads(model, ids)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    seen.clear()
+    model(input_ids=ids, labels=ids).loss.backward()  # without autocast the fp32 model scores in fp32
+    assert set(seen) == {(torch.float32, torch.float32)}
