@@ -66,11 +66,17 @@ def _check(args) -> int:
 def _report(args) -> int:
     import pandas as pd
 
-    from .report import summary, update_readme
+    from .report import summary
 
     ref = Path(args.reference_dir) if args.reference_dir else None
-    text = summary(pd.read_csv(args.csv), paper_csv=ref / "jenga_ae_a800.csv" if ref else None,
-                   probe_csv=ref / "h200_lora_baseline.csv" if ref else None)
+    return _publish(args, summary(pd.read_csv(args.csv), paper_csv=ref / "jenga_ae_a800.csv" if ref else None,
+                                  probe_csv=ref / "h200_lora_baseline.csv" if ref else None))
+
+
+def _publish(args, text: str) -> int:
+    """A generated table to --out, into the README block --name, or (neither given) to stdout."""
+    from .report import update_readme
+
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.readme:
@@ -93,17 +99,9 @@ def _kernel_report(args) -> int:
 
 
 def _targets(args) -> int:
-    from .report import update_readme
     from .targets import targets_table
 
-    text = targets_table(Path(args.results))
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.readme:
-        update_readme(Path(args.readme), args.name, text)
-    if not args.out and not args.readme:
-        print(text)
-    return 0
+    return _publish(args, targets_table(Path(args.results)))
 
 
 def _info(args) -> int:
