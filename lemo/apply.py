@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LeMoConfig
 from .elimination import sparse_layer
 from .layout import TokenLayout, make_layout
+from .lora_norm import patch_lora_a
 from .mlp import channel_pruned_forward
 from .norm import is_rms_norm, rms_norm_forward
 from .models.adapters import Adapter, get_adapter, unwrap
@@ -116,6 +117,7 @@ class LeMoHandle:
     hook: object
     state: _ForwardState
     forward_patched: bool
+    lora_a: set  # lora_A Linears whose forward was replaced (filled during forwards)
 
 
 def _check_supported(cfg, config: LeMoConfig) -> None:
@@ -159,16 +161,21 @@ def apply_lemo(model, config: LeMoConfig | None = None):
             mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels)
             patched.append(mlp)
 
+    recompute = config.efficient_norm and config.lora_norm_recompute
+    lora_a = set()  # PEFT lora_A Linears routed through lemo.lora_norm (PEFT may come after apply_lemo)
+
     def capture(module, args, kwargs):
         state.attention_mask = kwargs.get("attention_mask")
         state.position_ids = kwargs.get("position_ids")
         state.layout = None
         state.selections = {}
+        if recompute:
+            patch_lora_a(decoder, lora_a)
 
     if config.efficient_norm:
         for module in decoder.modules():
             if is_rms_norm(module):
-                module.forward = functools.partial(rms_norm_forward, module)
+                module.forward = functools.partial(rms_norm_forward, module, tag_output=recompute)
                 patched.append(module)
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
@@ -176,7 +183,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
     if forward_patched:
         lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens,
                                        config.loss_kernel)
-    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched)
+    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a)
     return model
 
 
@@ -194,7 +201,7 @@ def remove_lemo(model):
         original.gradient_checkpointing = wrapper.gradient_checkpointing
         original.train(wrapper.training)
         layers[i] = original
-    for module in handle.patched:
+    for module in [*handle.patched, *handle.lora_a]:
         del module.forward
     handle.hook.remove()
     if handle.forward_patched:

@@ -51,6 +51,10 @@ class LeMoConfig:
     mlp_channel_all_layers: bool = True
     # RMSNorms keep their input in the model dtype, not an fp32 copy (every layer; Llama family).
     efficient_norm: bool = True
+    # LoRA A projections reading a norm's output keep the norm's input (which the norm keeps anyway) and
+    # recompute the output in backward: one hidden-sized tensor less per layer (lemo.lora_norm; needs
+    # efficient_norm, model-dtype adapters, no LoRA dropout, no autocast; a no-op otherwise).
+    lora_norm_recompute: bool = True
     # Who decides which blocks are informative: "oracle" = real Q.K^T block scores; "predictor" = trained
     # per-layer block predictors (lemo.predictors) loaded from `predictor_path`.
     scorer: str = "oracle"

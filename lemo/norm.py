@@ -12,11 +12,25 @@ import torch
 from torch import nn
 
 
+# Attribute on a tagged norm output: (input, weight, eps), what recomputing it needs.
+NORMED_FROM = "_lemo_normed_from"
+
+
+def _rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The norm's output, computed exactly as the forward computes it (for recomputation in backward)."""
+    xf = x.float()
+    return weight * (xf * _rstd(xf, eps)).to(x.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = _rstd(xf, eps)
         normed = (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return weight * normed
@@ -33,11 +47,15 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w, None
 
 
-def rms_norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Drop-in forward for a Llama-family RMSNorm module (weight, variance_epsilon)."""
+def rms_norm_forward(norm: nn.Module, x: torch.Tensor, tag_output: bool = False) -> torch.Tensor:
+    """Drop-in forward for a Llama-family RMSNorm module (weight, variance_epsilon). `tag_output` marks
+    the output with its input for LoRA A projections that recompute it (lemo.lora_norm)."""
     if not torch.is_grad_enabled():
         return type(norm).forward(norm, x)
-    return RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    out = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    if tag_output:
+        setattr(out, NORMED_FROM, (x, norm.weight, norm.variance_epsilon))
+    return out
 
 
 def is_rms_norm(module: nn.Module) -> bool:

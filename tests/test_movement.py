@@ -289,23 +289,25 @@ def test_peft_applied_after_lemo_with_triton_movement():
     assert_grads_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("name", ["llama2-tiny", "llama3-tiny"])
 @pytest.mark.parametrize("mlp_mode", ["token", "channel"])
-def test_triton_movement_saves_fewer_bytes(name, mlp_mode):
-    """Per sparse layer the gathered input of the attention norm (K x D) and the gathered cos/sin (2 x K x hd)
-    are no longer saved: the norm keeps its output, which LoRA's lora_A keeps anyway, and RoPE keeps the
-    full tables, which the dense layers keep anyway."""
+def test_triton_movement_saves_fewer_bytes(name, mlp_mode, recompute):
+    """Per sparse layer the gathered cos/sin (2 x K x hd) are no longer saved (RoPE keeps the full tables,
+    which the dense layers keep anyway). Without lora_norm_recompute the gathered input of the attention
+    norm (K x D) goes too: the fused norm keeps its output, which lora_A keeps anyway; with it the torch
+    path already keeps only one of the two."""
     ids = torch.randint(0, 512, (1, 300))
     totals, kept = {}, None
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         model = tiny_lora_model(name)
         apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, mlp_mode=mlp_mode, segment_loss_tokens=0,
-                                     movement_kernel=movement))
+                                     movement_kernel=movement, lora_norm_recompute=recompute))
         with attention_context("sdpa-flash"), count_saved_bytes(model) as saved:
             model(input_ids=ids, labels=ids)
         totals[movement] = saved.total
         kept = [s.total for s in lemo_state(model).selections.values()]
     cfg = unwrap(model).config
-    drop = sum(k * cfg.hidden_size * 4 + 2 * k * cfg.head_dim * 4 for k in kept)
+    drop = sum((0 if recompute else k * cfg.hidden_size * 4) + 2 * k * cfg.head_dim * 4 for k in kept)
     assert totals["triton"] == totals["torch"] - drop
