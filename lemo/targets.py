@@ -17,7 +17,7 @@ from .report import BUDGETS, MEMORY_VIEWS
 from .results import wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
-SWEEPS = ["h200", "h200-kernels", "h200-target64k"]
+SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ def ratio_target(results: Path, label: str, model: str, gc: bool, context: int, 
     if best is None:
         return Row(label, goal_text, "", _mark(None), "")
     ratio, method, attention, base, value, csv = best
-    return Row(label, goal_text, f"{ratio:.2f}x: lora {base:.2f}, {method} {value:.2f} ({attention}, one run)",
+    return Row(label, goal_text, f"{ratio:.3f}x: lora {base:.2f}, {method} {value:.2f} ({attention}, one run)",
                _mark(ratio >= goal), str(csv))
 
 
