@@ -173,9 +173,11 @@ def apply_lemo(model, config: LeMoConfig | None = None):
             patch_lora_a(decoder, lora_a)
 
     if config.efficient_norm:
+        in_layers = {id(m) for layer in layers for m in layer.modules()}  # the final norm feeds no adapter
         for module in decoder.modules():
             if is_rms_norm(module):
-                module.forward = functools.partial(rms_norm_forward, module, tag_output=recompute)
+                module.forward = functools.partial(rms_norm_forward, module,
+                                                   tag_output=recompute and id(module) in in_layers)
                 patched.append(module)
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)

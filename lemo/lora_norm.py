@@ -42,11 +42,22 @@ class LinearOfNorm(torch.autograd.Function):
         return grad_h, None, None, None, grad_w, grad_b
 
 
+def _recomputable(h: torch.Tensor, linear: nn.Linear):
+    """(x, norm weight, eps) when h is, unchanged, the tagged output of a norm of x; else None."""
+    source = getattr(h, NORMED_FROM, None)
+    if source is None or not torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type):
+        return None
+    x, norm_weight, eps, x_version, h_version = source
+    # an in-place write to x or h since the norm ran would make the recomputed h differ from the one used
+    if x._version != x_version or h._version != h_version or h.dtype != linear.weight.dtype:
+        return None
+    return x, norm_weight, eps
+
+
 def lora_a_forward(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     """Drop-in forward for PEFT's lora_A Linear."""
-    source = getattr(h, NORMED_FROM, None)
-    if (source is None or not torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type)
-            or h.dtype != linear.weight.dtype):
+    source = _recomputable(h, linear)
+    if source is None:
         return F.linear(h, linear.weight, linear.bias)
     x, norm_weight, eps = source
     return LinearOfNorm.apply(h, x, norm_weight, eps, linear.weight, linear.bias)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 
-# Attribute on a tagged norm output: (input, weight, eps), what recomputing it needs.
+# Attribute on a tagged norm output: (input, weight, eps, input version, output version): what recomputing
+# it needs, and the version counters that tell whether either was written in place since.
 NORMED_FROM = "_lemo_normed_from"
 
 
@@ -53,8 +54,8 @@ def rms_norm_forward(norm: nn.Module, x: torch.Tensor, tag_output: bool = False)
     if not torch.is_grad_enabled():
         return type(norm).forward(norm, x)
     out = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
-    if tag_output:
-        setattr(out, NORMED_FROM, (x, norm.weight, norm.variance_epsilon))
+    if tag_output and x.requires_grad:  # otherwise the norm keeps nothing the adapter could share
+        setattr(out, NORMED_FROM, (x, norm.weight, norm.variance_epsilon, x._version, out._version))
     return out
 
 
