@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import memory_metric, wide
+from .results import memory_metric, ratios, wide
 
 
 def _fmt(x, digits=2):
@@ -59,24 +59,23 @@ TARGETS = [
 ]
 
 
+def target_points(frame: pd.DataFrame, target: tuple, baseline: str = "lora", same_run: bool = False) -> pd.DataFrame:
+    """`ratios` of the LeMo variants at one TARGETS point (method, then backend order)."""
+    _, model, gc, context, metric, _, _ = target
+    r = ratios(frame, metric, baseline, same_run=same_run)
+    r = r[(r.model == model) & (r.gradient_checkpointing == gc) & (r.context == context) & r.method.str.startswith("lemo")]
+    return r.sort_values(["method", "attention"])
+
+
 def targets(frame: pd.DataFrame, baseline: str = "lora") -> str:
     """Each LeMo variant's ratio against each target we measure (same backend), with the paper's."""
-    w = wide(frame)
-    w = w[w.status == "ok"]
     lines = ["| target | model | backend | LeMo variant | LoRA | LeMo | ratio | target | paper (A800) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    variants = sorted(m for m in w.method.unique() if m.startswith("lemo"))
-    for (label, model, gc, context, metric, goal, paper), method in (
-            (t, m) for t in TARGETS for m in variants):
-        if metric not in w:
-            continue
-        pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
-        for attention, grp in pts.groupby("attention"):
-            by = {r.method: getattr(r, metric) for r in grp.itertuples()}
-            if baseline in by and method in by:
-                ratio = by[baseline] / by[method]
-                lines.append(f"| {label} | {model} | {attention} | {method} | {by[baseline]:.2f} | {by[method]:.2f} | "
-                             f"{ratio:.2f}x | {goal:.2f}x | {paper:.2f}x |")
+    for t in TARGETS:
+        label, model, _, _, _, goal, paper = t
+        for r in target_points(frame, t, baseline).itertuples():
+            lines.append(f"| {label} | {model} | {r.attention} | {r.method} | {r.base:.2f} | {r.value:.2f} | "
+                         f"{r.ratio:.2f}x | {goal:.2f}x | {paper:.2f}x |")
     return "\n".join(lines)
 
 
@@ -85,6 +84,11 @@ BUDGETS = [
     ("one step, 256K, with recomputation, within 80 GiB", "llama2-7b", True, 262144, 80.0),
 ]
 MEMORY_VIEWS = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
+
+
+def largest_memory_view(w: pd.DataFrame) -> pd.Series:
+    """Per point, the largest of the memory views measured (NaN where none was)."""
+    return w[[c for c in MEMORY_VIEWS if c in w]].max(axis=1)
 
 
 def budgets(frame: pd.DataFrame) -> str:
@@ -99,15 +103,15 @@ def budgets(frame: pd.DataFrame) -> str:
              "device peak, NVML (GiB) | within |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, model, gc, context, budget in BUDGETS:
         pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
+        pts = pts.assign(largest=largest_memory_view(pts))
         for r in pts.sort_values(["attention", "method"]).itertuples():
             views = [getattr(r, c, float("nan")) for c in MEMORY_VIEWS]
-            seen = [v for v in views if not pd.isna(v)]
             if r.status == "oom":
                 within = "no"
-            elif r.status != "ok" or not seen:
+            elif r.status != "ok" or pd.isna(r.largest):
                 within = "-"
             else:
-                within = "yes" if max(seen) <= budget else "no"
+                within = "yes" if r.largest <= budget else "no"
                 if within == "yes" and pd.isna(views[-1]):
                     within = "yes (allocator)"
             cells = [label, model, r.attention, r.method, r.status.upper(), _fmt(getattr(r, "step_s", float("nan")), 1)]

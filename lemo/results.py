@@ -48,8 +48,11 @@ def aggregate(record_files, out_csv: Path) -> pd.DataFrame:
 
 
 def wide(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per point, metrics as columns (status kept)."""
+    """One row per point, metrics as columns (status and the measuring commit kept)."""
     keys = POINT_COLS + ["status"]
+    if "git_commit" in frame:  # "" where unknown: a NaN key would drop the row
+        frame = frame.assign(git_commit=frame.git_commit.fillna("").astype(str))
+        keys = keys + ["git_commit"]
     ok = frame[frame.metric != "status"]
     table = ok.pivot_table(index=keys, columns="metric", values="value", aggfunc="first").reset_index()
     bad = frame[frame.metric == "status"][keys].drop_duplicates()
@@ -63,18 +66,22 @@ def memory_metric(w: pd.DataFrame) -> tuple[str, str]:
     return "saved_activation_gib", "saved activations (GiB)"
 
 
-def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False) -> pd.DataFrame:
-    """baseline / method (or method / baseline when higher is better) per matching point; >1 = method wins."""
+def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False,
+           same_run: bool = False) -> pd.DataFrame:
+    """baseline / method (or method / baseline when higher is better) per matching point; >1 = method wins.
+
+    Columns: the point, method, base (the baseline's value), value (the method's), ratio. `same_run`
+    pairs only points measured by the same commit (one sweep run)."""
+    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size"] + (["git_commit"] if same_run else [])
     w = wide(frame)
     w = w[w.status == "ok"]
     if metric not in w:
-        return pd.DataFrame(columns=["model", "attention", "gradient_checkpointing", "context", "method", "ratio"])
-    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size"]
+        return pd.DataFrame(columns=keys + ["method", "base", "value", "ratio"])
     base = w[w.method == baseline][keys + [metric]].rename(columns={metric: "base"})
-    other = w[w.method != baseline][keys + ["method", metric]]
+    other = w[w.method != baseline][keys + ["method", metric]].rename(columns={metric: "value"})
     merged = other.merge(base, on=keys)
-    merged["ratio"] = merged[metric] / merged["base"] if higher_is_better else merged["base"] / merged[metric]
-    return merged[keys + ["method", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)
+    merged["ratio"] = merged.value / merged.base if higher_is_better else merged.base / merged.value
+    return merged[keys + ["method", "base", "value", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)
 
 
 def write_rows(path, rows: list[dict]) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .report import BUDGETS, MEMORY_VIEWS
+from .kernel_report import SPECS, _ceilings, _load
+from .report import BUDGETS, TARGETS, largest_memory_view, target_points
 from .results import wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
@@ -33,35 +34,24 @@ def _mark(ok: bool | None) -> str:
     return "not measured" if ok is None else ("yes" if ok else "no")
 
 
-def same_run_ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora") -> pd.DataFrame:
-    """baseline / method for points measured by the same commit (one sweep run), same backend and length."""
-    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size", "git_commit"]
-    ok = frame[(frame.status == "ok") & (frame.metric == metric)]
-    base = ok[ok.method == baseline][keys + ["value"]].rename(columns={"value": "base"})
-    merged = ok[ok.method != baseline][keys + ["method", "value"]].merge(base, on=keys)
-    return merged.assign(ratio=merged.base / merged.value)
-
-
-def ratio_target(results: Path, label: str, model: str, gc: bool, context: int, metric: str, goal: float,
-                 paper: float) -> Row:
-    """The best LeMo variant's LoRA/LeMo ratio at one point, over the sweeps that measured both in one run."""
+def ratio_target(results: Path, target: tuple) -> Row:
+    """The best LeMo variant's LoRA/LeMo ratio at a report.TARGETS point, over the sweeps that measured
+    both in one run."""
+    label, model, _, _, _, goal, paper = target
     best = None
     for name in SWEEPS:
         csv = results / name / "sweep.csv"
         if not csv.exists():
             continue
-        r = same_run_ratios(pd.read_csv(csv), metric)
-        r = r[(r.model == model) & (r.gradient_checkpointing == gc) & (r.context == context)
-              & r.method.str.startswith("lemo")]
-        for row in r.itertuples():
-            if best is None or row.ratio > best[0]:
-                best = (row.ratio, row.method, row.attention, row.base, row.value, csv)
-    goal_text = f"{goal:.2f}x (paper {paper:.2f}x)"
+        for row in target_points(pd.read_csv(csv), target, same_run=True).itertuples():
+            if best is None or row.ratio > best[0].ratio:
+                best = (row, csv)
+    label, goal_text = f"{label}, {model}", f"{goal:.2f}x (paper {paper:.2f}x)"
     if best is None:
         return Row(label, goal_text, "", _mark(None), "")
-    ratio, method, attention, base, value, csv = best
-    return Row(label, goal_text, f"{ratio:.3f}x: lora {base:.2f}, {method} {value:.2f} ({attention}, one run)",
-               _mark(ratio >= goal), str(csv))
+    r, csv = best
+    return Row(label, goal_text, f"{r.ratio:.3f}x: lora {r.base:.2f}, {r.method} {r.value:.2f} ({r.attention}, one run)",
+               _mark(r.ratio >= goal), str(csv))
 
 
 def budget_target(results: Path) -> Row:
@@ -71,8 +61,7 @@ def budget_target(results: Path) -> Row:
         return Row(label, f"<= {budget:.0f} GiB", "", _mark(None), "")
     w = wide(pd.read_csv(csv))
     w = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
-    views = [c for c in MEMORY_VIEWS if c in w]
-    w = w.assign(peak=w[views].max(axis=1))
+    w = w.assign(peak=largest_memory_view(w))
     ok = w[w.status == "ok"].sort_values("peak")
     lora = w[w.method == "lora"]
     lora_text = f"; lora: {lora.status.iloc[0].upper()}" if len(lora) else ""
@@ -120,8 +109,9 @@ def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> 
         return Row(label, f"<= {goal:.0%}", "", _mark(None), "")
     b = pd.read_csv(bench)
     b = b[(b.scorer == "predictor") & (b.context == context)]
-    w = wide(pd.read_csv(step_csv))
-    cfg = pd.read_csv(step_csv)[["method", "config"]].drop_duplicates().set_index("method").config
+    steps = pd.read_csv(step_csv)
+    w = wide(steps)
+    cfg = steps[["method", "config"]].drop_duplicates().set_index("method").config
     scored = [m for m in w.method if m in cfg and json.loads(cfg[m]).get("lemo", {}).get("scorer") == "predictor"]
     w = w[(w.context == context) & w.method.isin(scored) & (w.status == "ok")]
     if not len(b) or not len(w):
@@ -133,41 +123,33 @@ def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> 
 
 
 def kernel_rows(results: Path) -> list[Row]:
-    """Each Triton kernel's achieved rate at its largest measured size, against the measured ceiling."""
+    """Each kernel's first achieved rate (kernel_report.SPECS) at its largest size, against its ceiling."""
     k = results / "h200-kernels" / "kernels"
-    if not (k / "ceilings.csv").exists():
+    ceilings = _ceilings([k / "ceilings.csv"]) if (k / "ceilings.csv").exists() else {}
+    if not ceilings:
         return [Row("kernels near their ceilings", "near", "", _mark(None), "")]
-    ceil = pd.read_csv(k / "ceilings.csv").set_index("ceiling").value
     rows = []
-    specs = [("movement", "triton", "gbps", "copy_d2d", "GB/s", "token movement (load+RMSNorm, RoPE, add)"),
-             ("cross_entropy", "triton", "matmul_tflops", "matmul_bf16", "TFLOP/s", "segment loss matmuls"),
-             ("block_scores", "triton", "tflops", "matmul_bf16", "TFLOP/s", "block scores")]
-    for name, impl, col, ceiling, unit, what in specs:
+    for name, spec in SPECS.items():
         path = k / f"{name}.csv"
-        if not path.exists():
+        if not spec.rates or not path.exists():
             continue
-        d = pd.read_csv(path)
-        d = d[(d.impl == impl) & d[col].notna()]
-        if "status" in d:
-            d = d[d.status == "ok"]
-        if not len(d):
+        rate, ceiling = spec.rates[0]
+        d = _load(path, spec)
+        d = d[(d.impl_name == spec.fast) & d[rate].notna()]
+        if not len(d) or ceiling not in ceilings:
             continue
-        top = d[d.context == d.context.max()]
-        lo, hi = top[col].min() / ceil[ceiling], top[col].max() / ceil[ceiling]
-        span = f"{hi:.0%}" if abs(hi - lo) < 0.005 else f"{lo:.0%}-{hi:.0%}"
-        rows.append(Row(f"kernel: {what}", "near the ceiling",
-                        f"{span} of {ceil[ceiling]:.0f} {unit} at {int(d.context.max())} tokens", "-",
-                        str(path)))
+        cap, unit = ceilings[ceiling]
+        top = d[d.context == d.context.max()][rate] / cap
+        span = f"{top.max():.0%}" if top.max() - top.min() < 0.005 else f"{top.min():.0%}-{top.max():.0%}"
+        rows.append(Row(f"kernel: {spec.title}", "near the ceiling",
+                        f"{span} of {cap:.0f} {unit} ({rate}) at {int(d.context.max())} tokens", "-", str(path)))
     return rows
 
 
 def target_rows(results: Path) -> list[Row]:
     results = Path(results)
     return [
-        ratio_target(results, "peak memory, 8K, no recomputation, Llama-2-7B", "llama2-7b", False, 8192,
-                     "peak_allocated_gib", 2.0, 1.64),
-        ratio_target(results, "step time, 64K, with recomputation, Llama-2-7B", "llama2-7b", True, 65536,
-                     "step_s", 1.5, 1.38),
+        *(ratio_target(results, t) for t in TARGETS),
         budget_target(results),
         perplexity_target(results / "accuracy" / "small" / "accuracy.csv"),
         recall_target(results / "accuracy" / "small" / "predictors" / "recall.csv"),

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lemo.targets import SWEEPS, same_run_ratios, target_rows, targets_table
+from lemo.results import ratios
+from lemo.targets import SWEEPS, target_rows, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -30,7 +31,7 @@ def test_ratio_targets_pair_lora_and_lemo_from_one_run():
     # a LeMo point measured by another commit than LoRA's is not paired with it
     frame = pd.read_csv(RESULTS / "h200-kernels/sweep.csv")
     frame.loc[frame.method == "lemo-channel-kernels", "git_commit"] = "other"
-    r = same_run_ratios(frame, "peak_allocated_gib")
+    r = ratios(frame, "peak_allocated_gib", same_run=True)
     assert "lemo-channel-kernels" not in set(r.method) and len(r)
 
 
