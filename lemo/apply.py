@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LeMoConfig
-from .elimination import sparse_layer
+from .elimination import Frozen, sparse_layer
 from .layout import TokenLayout, make_layout
 from .lora_norm import patch_lora_a
 from .mlp import channel_pruned_forward
@@ -37,6 +37,7 @@ class _ForwardState:
     position_ids: torch.Tensor | None = None
     layout: TokenLayout | None = None
     selections: dict = field(default_factory=dict)  # layer index -> Selection, for inspection and tests
+    shared: Selection | None = None  # the one selection of all sparse layers (shared_selection)
 
 
 class LeMoLayer(nn.Module):
@@ -74,8 +75,11 @@ class LeMoLayer(nn.Module):
                              "or call model.eval() (LeMo is inactive in eval mode)")
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
+        frozen = None
+        if self.config.eliminated == "frozen":
+            frozen = Frozen(self.config.frozen_keys, self.state.layout.doc_ids, self.config.block_size)
         run = functools.partial(sparse_layer, parts, sel=sel, position_embeddings=kwargs.get("position_embeddings"),
-                                mlp_mode=self.config.mlp_mode, movement=self.config.movement_kernel)
+                                mlp_mode=self.config.mlp_mode, movement=self.config.movement_kernel, frozen=frozen)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                 checkpoint, use_reentrant=False)
@@ -90,6 +94,9 @@ class LeMoLayer(nn.Module):
         if layout is None or layout.shape != (b, length) or layout.doc_ids.device != hidden.device:
             layout = make_layout(b, length, hidden.device, self.state.attention_mask, self.state.position_ids)
             self.state.layout = layout
+        if cfg.shared_selection and self.state.shared is not None:
+            self.state.selections[self.layer_index] = self.state.shared
+            return self.state.shared
         valid_blocks = block_valid(layout.valid, cfg.block_size)
         if cfg.selection == "topk" and cfg.keep_ratio >= 1.0:
             kept = valid_blocks  # everything is kept: no need to score
@@ -100,6 +107,8 @@ class LeMoLayer(nn.Module):
                                  keep_first=cfg.keep_first_block, keep_last=cfg.keep_last_block)
         sel = tokens_from_blocks(kept, layout.doc_ids, cfg.block_size)
         self.state.selections[self.layer_index] = sel
+        if cfg.shared_selection:
+            self.state.shared = sel
         return sel
 
 
@@ -169,6 +178,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.position_ids = kwargs.get("position_ids")
         state.layout = None
         state.selections = {}
+        state.shared = None
         if recompute:
             patch_lora_a(decoder, lora_a)
 
@@ -184,7 +194,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
     forward_patched = config.segment_loss_tokens > 0
     if forward_patched:
         lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens,
-                                       config.loss_kernel)
+                                       config.loss_kernel, config.loss_tokens == "kept")
     lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a)
     return model
 
@@ -220,8 +230,21 @@ def lemo_state(model) -> _ForwardState:
     return handle.state
 
 
-def _segmented_forward(lm, original_forward, segment: int, kernel: str, input_ids=None, attention_mask=None, position_ids=None,
-                       labels=None, inputs_embeds=None, **kwargs):
+def kept_everywhere(state: _ForwardState) -> torch.Tensor | None:
+    """(B, L) bool: tokens kept in every sparse layer of the last forward (None before any)."""
+    if not state.selections or state.layout is None:
+        return None
+    b, length = state.layout.shape
+    mask = state.layout.valid.reshape(-1).clone()
+    for sel in state.selections.values():
+        kept = torch.zeros_like(mask)
+        kept[sel.index] = True
+        mask &= kept
+    return mask.view(b, length)
+
+
+def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_loss: bool, input_ids=None,
+                       attention_mask=None, position_ids=None, labels=None, inputs_embeds=None, **kwargs):
     """The causal LM's forward, with the loss computed segment by segment when training with labels."""
     if labels is None or not torch.is_grad_enabled() or not lm.training:
         return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -233,6 +256,11 @@ def _segmented_forward(lm, original_forward, segment: int, kernel: str, input_id
     base = getattr(lm, lm.base_model_prefix)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    if kept_loss:  # the prediction at position t (label t + 1) counts only when t was kept everywhere
+        kept = kept_everywhere(lm._lemo.state)
+        if kept is not None:
+            labels = labels.clone()
+            labels[:, 1:].masked_fill_(~kept[:, :-1], -100)
     loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment,
                              kernel=kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, fields
 MLP_MODES = ("token", "channel", "dense")
 SELECTIONS = ("topk", "threshold")
 SCORERS = ("oracle", "predictor")
+ELIMINATED = ("skip", "frozen")
+FROZEN_KEYS = ("local", "all")
+LOSS_TOKENS = ("all", "kept")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 MOVEMENT_KERNELS = ("torch", "triton")
 LOSS_KERNELS = ("torch", "triton", "liger")
@@ -46,6 +49,16 @@ class LeMoConfig:
     # MLP in sparse layers: "token" = kept tokens only (the paper); "channel" = dense forward, backward
     # through the top `mlp_keep_channels` intermediate channels only (the artifact); "dense".
     mlp_mode: str = "token"
+    # What an eliminated token gets in a sparse layer: "skip" = nothing, it passes through unchanged (the
+    # paper); "frozen" = the layer's update computed without gradient (lemo.frozen): the forward stays
+    # near the dense one, and nothing of the eliminated tokens is saved for backward.
+    eliminated: str = "skip"
+    # Keys an eliminated query attends to in "frozen" mode: "local" = kept tokens + its own block; "all".
+    frozen_keys: str = "local"
+    # One selection for all sparse layers (made at the first one) instead of one per layer.
+    shared_selection: bool = False
+    # Positions whose next-token loss counts: "all", or "kept" = only those kept in every sparse layer.
+    loss_tokens: str = "all"
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.
     mlp_channel_all_layers: bool = True
@@ -78,6 +91,14 @@ class LeMoConfig:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.mlp_mode not in MLP_MODES:
             raise ValueError(f"mlp_mode must be one of {MLP_MODES}, got {self.mlp_mode!r}")
+        if self.eliminated not in ELIMINATED:
+            raise ValueError(f"eliminated must be one of {ELIMINATED}, got {self.eliminated!r}")
+        if self.frozen_keys not in FROZEN_KEYS:
+            raise ValueError(f"frozen_keys must be one of {FROZEN_KEYS}, got {self.frozen_keys!r}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
+        if self.loss_tokens == "kept" and self.segment_loss_tokens == 0:
+            raise ValueError("loss_tokens='kept' masks labels inside LeMo's segmented loss; set segment_loss_tokens > 0")
         if not 0.0 < self.mlp_keep_channels <= 1.0:
             raise ValueError(f"mlp_keep_channels must be in (0, 1], got {self.mlp_keep_channels}")
         if self.scorer not in SCORERS:

@@ -12,17 +12,41 @@ selective load + RMSNorm that saves no gathered copy, RoPE read at the original 
 full cos/sin tables, and in-place residual adds into the layer's input (or into one clone of it where
 the input must survive: under checkpointing, see writable_residual), so no full-length out-of-place
 copies of the residual stream are made.
+
+With a `Frozen` spec (LeMoConfig.eliminated="frozen") the eliminated tokens also receive the layer's
+update, computed without gradient (lemo.frozen), before the MLP reads the residual stream.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from .frozen import frozen_rows
 from .kernels.rows import scatter_add_rows
 from .models.adapters import LayerParts
 from .rope import apply_rope
 from .selection import Selection
+
+
+@dataclass
+class Frozen:
+    """How eliminated tokens get their no-grad update (lemo.frozen)."""
+
+    keys: str  # "local" or "all"
+    doc_ids: torch.Tensor  # (B, L) the batch's layout
+    block_size: int
+
+
+def _frozen_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, position_embeddings, frozen,
+                   mlp_mode: str):
+    """(E, D) no-grad update of the eliminated rows from the layer input, or None."""
+    if frozen is None or sel.eliminated is None or not sel.eliminated.numel():
+        return None
+    return frozen_rows(parts, flat, sel.eliminated, sel.index, frozen.doc_ids, position_embeddings,
+                       frozen.block_size, frozen.keys, mlp=mlp_mode == "token")
 
 
 def _attention_function(parts: LayerParts):
@@ -111,17 +135,20 @@ def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
-                 mlp_mode: str, movement: str = "torch") -> torch.Tensor:
+                 mlp_mode: str, movement: str = "torch", frozen: Frozen | None = None) -> torch.Tensor:
     """hidden (B, L, D) -> (B, L, D) with attention (and, in token mode, the MLP) on kept tokens only."""
     if movement == "triton":
-        return _sparse_layer_triton(parts, hidden, sel, position_embeddings, mlp_mode)
+        return _sparse_layer_triton(parts, hidden, sel, position_embeddings, mlp_mode, frozen)
     if movement != "torch":
         raise ValueError(f"movement must be 'torch' or 'triton', got {movement!r}")
     b, length, d = hidden.shape
     flat = hidden.reshape(b * length, d)
+    eliminated_update = _frozen_update(parts, flat, sel, position_embeddings, frozen, mlp_mode)
     positions = gather_positions(position_embeddings, sel, length) if parts.rope else None
     if sel.total:
         flat = scatter_add_rows(flat, sel.index, attention_update(parts, flat, sel, positions))
+    if eliminated_update is not None:
+        flat = scatter_add_rows(flat, sel.eliminated, eliminated_update)
     if mlp_mode == "token":
         if sel.total:
             m = parts.mlp(parts.mlp_norm(flat.index_select(0, sel.index)))
@@ -144,13 +171,16 @@ def _attention_update_triton(parts: LayerParts, base: torch.Tensor, sel: Selecti
 
 
 def _sparse_layer_triton(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
-                         mlp_mode: str) -> torch.Tensor:
+                         mlp_mode: str, frozen: Frozen | None = None) -> torch.Tensor:
     from .kernels import movement as mv
 
     length = hidden.shape[1]
+    eliminated_update = _frozen_update(parts, hidden.reshape(-1, hidden.shape[-1]), sel, position_embeddings, frozen, mlp_mode)
     base = mv.writable_residual(hidden)  # the input itself, or one clone where it must survive
     if sel.total:
         base = mv.add_rows_(base, sel.index, _attention_update_triton(parts, base, sel, position_embeddings, length))
+    if eliminated_update is not None:
+        base = mv.add_rows_(base, sel.eliminated, eliminated_update)
     if mlp_mode == "token":
         if sel.total:
             m = parts.mlp(mv.load_norm(parts.mlp_norm, base, sel.index))

