@@ -13,11 +13,37 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CORPUS_OPTIONS = ("vocab_size", "heldout_fraction", "seed", "min_long", "sources", "long_tokens", "max_doc_tokens",
+                  "max_train_tokens")
+
+
+def corpus_options(path: Path) -> dict:
+    """The `corpus` section of an experiment YAML (a file holding only that section will do)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    opts = data.get("corpus", {}) or {}
+    unknown = sorted(set(opts) - set(CORPUS_OPTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown corpus option(s) {unknown}; known: {list(CORPUS_OPTIONS)}")
+    if "sources" in opts:
+        from .corpus import check_sources
+
+        try:
+            check_sources(opts["sources"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return dict(opts)
+
+
 def _corpus(args) -> int:
     from .corpus import prepare_corpus
-    from .experiment import load_experiment
 
-    opts = load_experiment(Path(args.experiment)).corpus if args.experiment else {}
+    opts = corpus_options(Path(args.experiment)) if args.experiment else {}
+    if args.sources:
+        opts["sources"] = args.sources
+    if args.max_train_tokens is not None:
+        opts["max_train_tokens"] = args.max_train_tokens
     stats = prepare_corpus(Path(args.out), source=Path(args.source) if args.source else None,
                            cache=Path(args.cache) if args.cache else None,
                            tokenizer=Path(args.tokenizer) if args.tokenizer else None, **opts)
@@ -95,10 +121,14 @@ def _accuracy_report(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("corpus", help="build the offline corpus: documents, split, BPE tokenizer, token arrays")
     p.add_argument("--out", required=True)
-    p.add_argument("--experiment", default=None, help="experiment YAML (its corpus section)")
+    p.add_argument("--experiment", default=None,
+                   help="experiment YAML (its corpus section; a file with only that section will do)")
     p.add_argument("--source", default=None, help="your own corpus: a directory of text files or a .jsonl")
     p.add_argument("--cache", default=None, help="where the Debian packages are downloaded (default OUT/debian)")
     p.add_argument("--tokenizer", default=None, help="a checkpoint's tokenizer.json (default: train a BPE)")
+    p.add_argument("--sources", nargs="+", default=None,
+                   help="named document sources (kjv pydoc pystdlib linux-docs linux-src gcide); overrides the YAML's")
+    p.add_argument("--max-train-tokens", type=int, default=None, help="cap the train split (held-out kept whole)")
     p.set_defaults(func=_corpus)
     p = sub.add_parser("pretrain", help="pretrain the experiment's small Llama on the corpus")
     p.add_argument("--experiment", required=True)
