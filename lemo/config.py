@@ -39,8 +39,10 @@ class LeMoConfig:
     selection: str = "topk"
     # Per-layer thresholds ({layer: value}) or one value for all, in units of the layer's mean score.
     threshold: float | dict[int, float] = 1.0
-    # Sparse layers; None = the artifact's schedule: layers n//2-1 .. n-2 (15-30 of 32), rest dense.
+    # Sparse layers; None = layers `sparse_first` .. n-2 (the last layer stays dense).
     sparse_layers: list[int] | None = None
+    # First sparse layer when sparse_layers is None; None = the artifact's n//2-1 (15-30 of 32).
+    sparse_first: int | None = None
     # Tokens per block: scores are computed and tokens kept in whole blocks (the paper: 64).
     block_size: int = 64
     # Always keep the first block (attention sink) / the most recent block.
@@ -117,13 +119,16 @@ class LeMoConfig:
             raise ValueError(f"segment_loss_tokens must be >= 0 (0 disables), got {self.segment_loss_tokens}")
         if self.sparse_layers is not None:
             self.sparse_layers = sorted({int(i) for i in self.sparse_layers})
+        if self.sparse_first is not None and (self.sparse_layers is not None or self.sparse_first < 0):
+            raise ValueError(f"sparse_first must be >= 0 and only given without sparse_layers, got {self.sparse_first}")
         if isinstance(self.threshold, dict):
             self.threshold = {int(k): float(v) for k, v in self.threshold.items()}
 
     def resolve_sparse_layers(self, num_layers: int) -> list[int]:
         """The sparse layer indices for a model of `num_layers`; unknown indices fail clearly."""
         if self.sparse_layers is None:
-            return list(range(max(0, num_layers // 2 - 1), num_layers - 1))
+            first = max(0, num_layers // 2 - 1) if self.sparse_first is None else self.sparse_first
+            return list(range(first, num_layers - 1))
         bad = [i for i in self.sparse_layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"sparse_layers {bad} out of range for a model of {num_layers} layers (0..{num_layers - 1})")

@@ -23,6 +23,20 @@ REFERENCE_MODELS = {"llama2": "llama2-7b", "llama3": "llama3-8b", "opt-350m": "o
 # The artifact's LeMo ("jenga") prunes MLP channels in backward: drawn in lemo-channel's colour.
 REFERENCE_METHODS = {"lora": "lora", "longlora": "longlora", "jenga": "lemo-channel"}
 STYLES = ["-", "--", ":", "-."]
+# One colour per method in every figure: baselines fixed, other labels a stable pick from the palette.
+METHOD_COLORS = {"lora": "#1f77b4", "lora-liger": "#17becf", "longlora": "#2ca02c", "pretrained": "#7f7f7f",
+                 "pretrained+PI": "#bcbd22", "lemo-paper": "#d62728", "lemo-channel": "#d62728",
+                 "lemo-frozen": "#ff7f0e", "lemo-token": "#9467bd"}
+_PALETTE = ["#8c564b", "#e377c2", "#9467bd", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+            "#e6550d", "#31a354", "#756bb1"]
+
+
+def method_color(label: str) -> str:
+    if label in METHOD_COLORS:
+        return METHOD_COLORS[label]
+    import zlib
+
+    return _PALETTE[zlib.crc32(label.encode()) % len(_PALETTE)]  # stable across runs, unlike hash()
 
 
 def load_reference(path: Path | None) -> pd.DataFrame:

@@ -66,11 +66,17 @@ def _finetune(args) -> int:
     from .experiment import load_experiment
     from .finetune import finetune
 
+    import dataclasses
+
     exp = load_experiment(Path(args.experiment))
     for label in args.methods:
         options = exp.method_options(label, Path(args.predictors) if args.predictors else None)
-        finetune(Path(args.model), Path(args.corpus), Path(args.out), label, options, exp.finetune,
-                 device=_device(args.device), save_trained=Path(args.save_trained) if args.save_trained else None)
+        for seed in args.seeds or [exp.finetune.seed]:
+            # with --seeds every run is labelled LABEL.sSEED; the report averages a label over its seeds
+            run = f"{label}.s{seed}" if args.seeds else label
+            finetune(Path(args.model), Path(args.corpus), Path(args.out), run, options,
+                     dataclasses.replace(exp.finetune, seed=seed), device=_device(args.device),
+                     save_trained=Path(args.save_trained) if args.save_trained else None)
     return 0
 
 
@@ -105,6 +111,16 @@ def _fetch_model(args) -> int:
     from ..models.pretrained import materialize
 
     print(materialize(args.name, Path(args.out), gguf_path=args.gguf))
+    return 0
+
+
+def _quality_report(args) -> int:
+    from .quality import write_quality_report
+
+    for p in write_quality_report(Path(args.runs), Path(args.fidelity), Path(args.out), Path(args.figures),
+                                  Path(args.sweep) if args.sweep else None,
+                                  Path(args.paper) if args.paper else None):
+        print(p)
     return 0
 
 
@@ -144,6 +160,7 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", required=True, help="method labels of the experiment")
     p.add_argument("--predictors", default=None, help="predictor directory for predictor-driven methods")
     p.add_argument("--save-trained", default=None, help="directory for each run's trained parameters (LABEL.pt)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per seed (data order and init)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_finetune)
     p = sub.add_parser("eval-base", help="perplexity + passkey of the model before fine-tuning")
@@ -169,6 +186,14 @@ def register(sub) -> None:
     p.add_argument("--gguf", default=None, help="the GGUF file, or a glob of its split parts (default: the "
                                                 "installed package's file)")
     p.set_defaults(func=_fetch_model)
+    p = sub.add_parser("quality-report", help="real-model runs + fidelity + frontier sweep -> tables and figures")
+    p.add_argument("runs", help="directory of fine-tuning runs (<label>[.s<seed>]/eval.json)")
+    p.add_argument("--fidelity", required=True, help="directory holding fidelity_x<factor>.csv")
+    p.add_argument("--sweep", default=None, help="the frontier sweep CSV (memory of the same labels on a 7B shape)")
+    p.add_argument("--paper", default=None, help="CSV of the paper's (memory_ratio, ppl_delta_pct) points")
+    p.add_argument("--out", required=True)
+    p.add_argument("--figures", required=True)
+    p.set_defaults(func=_quality_report)
     p = sub.add_parser("accuracy-report", help="fine-tuning runs -> accuracy CSV, table, figures")
     p.add_argument("runs", help="directory holding one sub-directory per run (eval.json, loss.csv)")
     p.add_argument("--out", required=True, help="results directory for accuracy.csv and summary.md")

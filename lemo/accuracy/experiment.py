@@ -25,7 +25,8 @@ class Experiment:
     finetune: FinetuneConfig
     methods: dict
     predictors: dict
-    fidelity: dict | None = None  # {rope_factors: {factor: [contexts]}, windows, variants: {label: LeMo options}}
+    fidelity: dict | None = None
+    model: str | None = None  # a pretrained registry name (lemo.models.pretrained): no pretraining  # {rope_factors: {factor: [contexts]}, windows, variants: {label: LeMo options}}
 
     def method_options(self, label: str, predictors: Path | None = None) -> dict:
         if label not in self.methods:
@@ -40,11 +41,17 @@ class Experiment:
 
 def load_experiment(path: Path) -> Experiment:
     data = yaml.safe_load(Path(path).read_text())
-    missing = {"name", "pretrain", "finetune", "methods"} - set(data)
+    missing = {"name", "finetune", "methods"} - set(data)
     if missing:
         raise ValueError(f"{path}: missing sections {sorted(missing)}")
+    if ("pretrain" in data) == ("model" in data):
+        raise ValueError(f"{path}: give either `pretrain` (a model to pretrain) or `model` (a pretrained one)")
+    if "model" in data:
+        from ..models.pretrained import get_pretrained
+
+        get_pretrained(data["model"])  # unknown names fail here, naming the known ones
     return Experiment(name=data["name"], corpus=data.get("corpus", {}),
-                      pretrain=from_fields(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
+                      pretrain=from_fields(PretrainConfig, data.get("pretrain", {}), f"{path}: pretrain"),
                       finetune=from_fields(FinetuneConfig, data["finetune"], f"{path}: finetune"),
                       methods=data["methods"], predictors=data.get("predictors", {}),
-                      fidelity=data.get("fidelity"))
+                      fidelity=data.get("fidelity"), model=data.get("model"))

@@ -85,7 +85,7 @@ def _train_step(model, ids: torch.Tensor, autocast: bool):
             nll = _token_nll(lm, captured["h"], ids)
     finally:
         handle.remove()
-    return float(loss), _lora_grads(model), nll
+    return loss.item(), _lora_grads(model), nll
 
 
 @torch.no_grad()

@@ -1,0 +1,192 @@
+"""The real-model quality report: fidelity screen, context extension with retrieval, and the frontier.
+
+Reads what the smollm2 experiment wrote (runs/<label>[.s<seed>]/eval.json, fidelity_x<factor>.csv) and
+the H200 memory sweep of the same variants (results/h200-frontier/sweep.csv), and writes
+accuracy.csv, fidelity.csv, summary.md and the figures. A label fine-tuned with several seeds is
+reported as the mean over seeds with the half-range (max - min) / 2 as its spread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..figures import method_color
+from .fidelity import summarize
+
+BASE_LABELS = ("pretrained", "pretrained+PI")
+# Where the project's quality goals sit (issue #11), against dense LoRA in the same experiment.
+GOALS = {"ppl_delta_pct": 2.0, "retrieval_delta_pts": -5.0, "memory_ratio": 1.8}
+
+
+def collect_runs(runs: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(Path(runs).glob("*/eval.json")):
+        rows += json.loads(path.read_text())
+    if not rows:
+        raise FileNotFoundError(f"no */eval.json under {runs}")
+    df = pd.DataFrame(rows)
+    df["run"] = df["label"]
+    df["label"] = df["label"].str.replace(r"\.s\d+$", "", regex=True)
+    return df
+
+
+def _spread(x: pd.Series) -> float:
+    return (x.max() - x.min()) / 2 if len(x) > 1 else float("nan")
+
+
+def perplexity(df: pd.DataFrame) -> pd.DataFrame:
+    """label x context: mean perplexity over seeds, spread, seeds, delta vs lora (%)."""
+    p = df[df.metric == "perplexity"].groupby(["label", "context"])["value"]
+    out = pd.DataFrame({"ppl": p.mean(), "spread": p.agg(_spread), "seeds": p.count()}).reset_index()
+    lora = out[out.label == "lora"].set_index("context")["ppl"]
+    out["delta_pct"] = 100 * (out["ppl"] / out["context"].map(lora) - 1)
+    # each seed's own delta against lora's mean: the spread of the delta
+    per_seed = df[df.metric == "perplexity"].assign(d=lambda f: 100 * (f["value"] / f["context"].map(lora) - 1))
+    out = out.merge(per_seed.groupby(["label", "context"])["d"].agg(_spread).rename("delta_spread").reset_index(),
+                    on=["label", "context"])
+    return out
+
+
+def retrieval(df: pd.DataFrame) -> pd.DataFrame:
+    """label x task x length: exact accuracy (points) averaged over depths and seeds; delta vs lora."""
+    r = df[df.metric.isin(["passkey", "kv"])]
+    if r.empty:
+        return pd.DataFrame()
+    per_run = r.groupby(["label", "run", "metric", "context"])["value"].mean().reset_index()
+    g = per_run.groupby(["label", "metric", "context"])["value"]
+    out = pd.DataFrame({"acc_pts": 100 * g.mean(), "spread_pts": 100 * g.agg(_spread), "seeds": g.count()}).reset_index()
+    lora = out[out.label == "lora"].set_index(["metric", "context"])["acc_pts"]
+    out["delta_pts"] = out["acc_pts"] - [lora.get((m, c), float("nan")) for m, c in zip(out.metric, out.context)]
+    return out
+
+
+def memory_ratios(sweep_csv: Path) -> pd.DataFrame:
+    """label -> LoRA / label peak allocated memory (same run), step-time ratio, from the frontier sweep."""
+    s = pd.read_csv(sweep_csv)
+    s = s[(s.status == "ok") & s.metric.isin(["peak_allocated_gib", "step_s"])]
+    wide = s.pivot_table(index="method", columns="metric", values="value")
+    lora = wide.loc["lora"]
+    return pd.DataFrame({"peak_gib": wide["peak_allocated_gib"],
+                         "memory_ratio": lora["peak_allocated_gib"] / wide["peak_allocated_gib"],
+                         "speed_ratio": lora["step_s"] / wide["step_s"]}).reset_index(names="label")
+
+
+def frontier(ppl: pd.DataFrame, ret: pd.DataFrame, mem: pd.DataFrame | None, context: int) -> pd.DataFrame:
+    """One row per fine-tuned label: perplexity delta at `context`, retrieval delta, 7B memory ratio."""
+    f = ppl[ppl.context == context][["label", "ppl", "delta_pct", "delta_spread", "seeds"]]
+    if not ret.empty:
+        mean_ret = ret.groupby("label")[["acc_pts", "delta_pts"]].mean().reset_index()
+        f = f.merge(mean_ret, on="label", how="left")
+    if mem is not None:
+        f = f.merge(mem, on="label", how="left")
+        ok = (f["delta_pct"] <= GOALS["ppl_delta_pct"]) & (f["memory_ratio"] >= GOALS["memory_ratio"])
+        if "delta_pts" in f:
+            ok &= f["delta_pts"] >= GOALS["retrieval_delta_pts"]
+        f["meets_goal"] = ok.where(f["memory_ratio"].notna() & ~f.label.isin(["lora", *BASE_LABELS]))
+    return f
+
+
+def _md(df: pd.DataFrame, floatfmt=".3f") -> str:
+    return df.to_markdown(index=False, floatfmt=floatfmt)
+
+
+def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = front.dropna(subset=["memory_ratio"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in f.itertuples():
+        ax.errorbar(r.memory_ratio, r.delta_pct, yerr=None if pd.isna(r.delta_spread) else r.delta_spread,
+                    fmt="o", color=method_color(r.label), capsize=3)
+        ax.annotate(r.label, (r.memory_ratio, r.delta_pct), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for p in paper:
+        ax.scatter(p["memory_ratio"], p["ppl_delta_pct"], marker="*", s=120, color="black")
+        ax.annotate(p["label"], (p["memory_ratio"], p["ppl_delta_pct"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    ax.axhline(GOALS["ppl_delta_pct"], color="grey", ls="--", lw=0.8)
+    ax.axvline(GOALS["memory_ratio"], color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("peak-memory saving vs LoRA at 8K, Llama-2-7B shape (x, H200)")
+    ax.set_ylabel("perplexity vs LoRA after 4x extension (%)")
+    ax.set_title("Quality-memory frontier: perplexity delta at the extended length vs memory saving")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def fidelity_figure(table: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table.variant != "dense"]
+    contexts = sorted(t.context.unique())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * t.variant.nunique() + 2), sharey=True)
+    variants = list(dict.fromkeys(t.sort_values("grad_cos").variant))
+    height = 0.8 / len(contexts)
+    for metric, ax, title in (("loss_delta_pct", axes[0], "training-forward loss vs dense (%)"),
+                              ("grad_cos", axes[1], "LoRA-gradient cosine vs dense")):
+        for j, c in enumerate(contexts):
+            v = t[t.context == c].set_index("variant").reindex(variants)[metric]
+            ax.barh([i + j * height for i in range(len(variants))], v, height=height, label=f"{c // 1024}K")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_xscale("symlog", linthresh=1)
+    axes[1].axvline(0.9, color="grey", ls="--", lw=0.8)
+    axes[0].set_yticks([i + 0.4 - height / 2 for i in range(len(variants))], variants, fontsize=8)
+    axes[1].legend(title="context", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Path, sweep_csv: Path | None,
+                         paper_csv: Path | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+    parts = ["# Quality on SmolLM2-135M (generated by `lemo quality-report`)\n"]
+    fid_frames = [pd.read_csv(p) for p in sorted(Path(fidelity_dir).glob("fidelity_x*.csv"))]
+    if fid_frames:
+        fid = pd.concat(fid_frames)
+        fid.to_csv(out / "fidelity.csv", index=False)
+        table = summarize(fid.to_dict("records"))
+        fidelity_figure(table, figures / "fidelity.png")
+        written += [out / "fidelity.csv", figures / "fidelity.png"]
+        cols = ["context", "variant", "loss_delta_pct", "grad_cos", "grad_cos_layer_mean",
+                "mass_kept_queries_layer_mean", "mass_all_queries_layer_mean", "share_kept_all",
+                "nll_eliminated_last", "dense_nll_eliminated_last"]
+        parts.append("## Fidelity screen (no training; LeMo's training forward + backward vs dense)\n\n"
+                     + _md(table[[c for c in cols if c in table]]) + "\n")
+    df = collect_runs(runs)
+    df.to_csv(out / "accuracy.csv", index=False)
+    written.append(out / "accuracy.csv")
+    ppl = perplexity(df)
+    ret = retrieval(df)
+    parts.append("## Perplexity after 8K -> 32K extension (mean over seeds; spread = half-range)\n\n"
+                 + _md(ppl) + "\n")
+    if not ret.empty:
+        parts.append("## Retrieval (exact answers, points; mean over depths and seeds)\n\n" + _md(ret, ".1f") + "\n")
+    mem = memory_ratios(sweep_csv) if sweep_csv is not None and Path(sweep_csv).exists() else None
+    longest = int(ppl.context.max())
+    front = frontier(ppl, ret, mem, longest)
+    front.to_csv(out / "frontier.csv", index=False)
+    written.append(out / "frontier.csv")
+    parts.append(f"## Frontier: quality at {longest // 1024}K against memory saving at 8K (Llama-2-7B, H200)\n\n"
+                 f"Goal: perplexity within +{GOALS['ppl_delta_pct']}% of LoRA, retrieval within "
+                 f"{-GOALS['retrieval_delta_pts']:.0f} points, memory saving >= {GOALS['memory_ratio']}x.\n\n"
+                 + _md(front) + "\n")
+    if mem is not None:
+        paper = pd.read_csv(paper_csv).to_dict("records") if paper_csv is not None and Path(paper_csv).exists() else []
+        frontier_figure(front, figures / "frontier.png", paper)
+        written.append(figures / "frontier.png")
+    (out / "summary.md").write_text("\n".join(parts))
+    written.append(out / "summary.md")
+    return written
