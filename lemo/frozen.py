@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .models.adapters import LayerParts
 from .rope import apply_rope
@@ -103,6 +104,8 @@ def _attend(parts: LayerParts, flat, qi, ki, doc, cos, sin, block_size: int, key
     groups = parts.num_heads // parts.num_kv_heads
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=parts.scaling)
+    # a boolean mask rules out the flash backend (which the caller may have forced): allow those that take one
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=parts.scaling)
     o = o[0].transpose(0, 1).reshape(qi.numel(), -1)  # (n, Hq * hd)
     return parts.o_proj(o)
