@@ -51,15 +51,21 @@ def _figures(args) -> int:
 
 
 def _check(args) -> int:
-    import pandas as pd
+    from .check import load_thresholds, read_results, run_checks
+    from .sweep import expand, load_sweep
 
-    from .check import load_checks, run_checks
-
-    failures = run_checks(pd.read_csv(args.csv), load_checks(args.thresholds))
+    checks, sweep = load_thresholds(args.thresholds)
+    sweep = Path(args.sweep) if args.sweep else sweep
+    if sweep is None:
+        raise ValueError(f"{args.thresholds}: name the sweep it checks (`sweep: ../sweeps/NAME.yaml`, relative to "
+                         "the file) or pass --sweep, so that points missing from the CSV are noticed")
+    failures = run_checks(read_results(args.csv), checks, expand(load_sweep(sweep)))
     if failures:
-        print(f"{len(failures)} check(s) failed", file=sys.stderr)
+        print(f"{len(failures)} failure(s) against {args.thresholds} (sweep {sweep}):", file=sys.stderr)
+        for line in failures:
+            print(f"  FAIL {line}", file=sys.stderr)
         return 1
-    print("all checks passed")
+    print(f"all {len(checks)} checks passed ({args.thresholds}, sweep {sweep})")
     return 0
 
 
@@ -157,6 +163,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="fail when a ratio leaves its committed bound")
     p.add_argument("csv")
     p.add_argument("--thresholds", required=True)
+    p.add_argument("--sweep", default=None, help="the sweep the CSV comes from (default: the thresholds file's `sweep`)")
     p.set_defaults(func=_check)
     p = sub.add_parser("report", help="markdown tables from a CSV (optionally into a README block)")
     p.add_argument("csv")
@@ -229,7 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_eval_predictors)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input files or values: a message, not a traceback
+        raise SystemExit(f"lemo {args.command}: {err}") from err
 
 
 if __name__ == "__main__":
