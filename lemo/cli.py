@@ -18,7 +18,7 @@ def _measure(args) -> int:
         if unknown:
             raise SystemExit(f"methods {sorted(unknown)} are not in job {job.id}")
         job.points = [p for p in job.points if p.method in args.methods]
-    JobRunner(job, Path(args.out)).run()
+    JobRunner(job, Path(args.out), resume=not args.fresh).run()
     return 0
 
 
@@ -31,9 +31,9 @@ def _jobs(args) -> int:
 
 
 def _aggregate(args) -> int:
-    from .results import aggregate
+    from .results import aggregate, record_files
 
-    files = [f for d in args.records for f in sorted(Path(d).rglob("*.json"))]
+    files = record_files(args.records)
     if not files:
         print(f"no records under {args.records}", file=sys.stderr)
         return 1
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method labels of the job")
     p.add_argument("--out", required=True, help="directory for the records")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every point again (default: keep the ok/OOM records this commit wrote on this GPU)")
     p.set_defaults(func=_measure)
     p = sub.add_parser("jobs", help="list the jobs of a sweep")
     p.add_argument("--sweep", required=True)
