@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import from_fields
+from ..config import check_types, from_fields
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
 
@@ -37,12 +37,56 @@ class Experiment:
         return json.loads(text)
 
 
+SECTIONS = {"name", "corpus", "pretrain", "finetune", "methods", "predictors"}
+CORPUS_KEYS = {"vocab_size": int, "heldout_fraction": float, "seed": int, "min_long": int}  # prepare_corpus
+PREDICTOR_KEYS = {"context": int, "steps": int, "batch": int}  # lemo train-predictors
+
+
+def _section(data, keys: dict, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    for k, v in data.items():
+        if k not in keys:
+            raise ValueError(f"{where}: unknown key {k!r}; known: {sorted(keys)}")
+        number = keys[k] is float and isinstance(v, (int, float))
+        if isinstance(v, bool) or not (isinstance(v, keys[k]) or number):
+            raise ValueError(f"{where}: {k} must be {'a number' if keys[k] is float else 'an integer'}, got {v!r}")
+    return data
+
+
+def _config(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    obj = from_fields(cls, data, where)
+    try:
+        check_types(obj)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return obj
+
+
 def load_experiment(path: Path) -> Experiment:
-    data = yaml.safe_load(Path(path).read_text())
+    """Every section and key checked (unknown keys, wrong types, method options that do not build)."""
+    from ..sweep import method_options
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {sorted(SECTIONS)}")
+    unknown = set(data) - SECTIONS
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {sorted(map(str, unknown))}; known: {sorted(SECTIONS)}")
     missing = {"name", "pretrain", "finetune", "methods"} - set(data)
     if missing:
         raise ValueError(f"{path}: missing sections {sorted(missing)}")
-    return Experiment(name=data["name"], corpus=data.get("corpus", {}),
-                      pretrain=from_fields(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
-                      finetune=from_fields(FinetuneConfig, data["finetune"], f"{path}: finetune"),
-                      methods=data["methods"], predictors=data.get("predictors", {}))
+    if not isinstance(data["methods"], dict) or not data["methods"]:
+        raise ValueError(f"{path}: methods must map labels to methods, got {data['methods']!r}")
+    for label, spec in data["methods"].items():
+        method_options(spec, f"{path}: method {label!r}")
+    return Experiment(name=str(data["name"]), corpus=_section(data.get("corpus", {}), CORPUS_KEYS, f"{path}: corpus"),
+                      pretrain=_config(PretrainConfig, data["pretrain"], f"{path}: pretrain"),
+                      finetune=_config(FinetuneConfig, data["finetune"], f"{path}: finetune"),
+                      methods=data["methods"],
+                      predictors=_section(data.get("predictors", {}), PREDICTOR_KEYS, f"{path}: predictors"))
