@@ -184,8 +184,9 @@ class JobRunner:
                 rec = self.measure(model, spec, p)
             if rec["status"] in ("oom", "error"):
                 failed_at[p.attention, p.method] = (rec["status"], p.context)
-        del model
-        _free(self.device)
+        if model is not None:
+            del model
+            _free(self.device)
 
     def measure(self, base, spec, p: Point) -> dict:
         method = get_method(p.method_name)

@@ -114,7 +114,7 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
 
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: expected a mapping with a `method`, got {spec!r}")
-    if spec.get("method") not in METHODS:
+    if not isinstance(spec.get("method"), str) or spec["method"] not in METHODS:
         raise ValueError(f"{where} runs unknown method {spec.get('method')!r}; known: {list(METHODS)}")
     _unknown(where, spec, METHOD_KEYS)
     allowed = OPTION_KEYS[spec["method"]]
@@ -125,7 +125,7 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
         raise ValueError(f"{where}: offload_activations must be true or false")
     kinds = {"lora": LoraOptions, "lemo": LeMoConfig, "longlora": LongLoraOptions}
     for key in sorted(allowed):
-        data = spec.get(key, default_lora if key == "lora" else None) or {}
+        data = spec.get(key, (default_lora or {}) if key == "lora" else {})
         if not isinstance(data, dict):
             raise ValueError(f"{where}: {key} options must be a mapping, got {data!r}")
         try:
@@ -145,6 +145,8 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
     for key in ("name", *DEFAULTS):
         if key in sweep or key == "name":
             _setting(where, key, sweep.get(key))
+    if not isinstance(sweep.get("lora", {}), dict):
+        raise ValueError(f"{where}: lora (the default LoRA options) must be a mapping, got {sweep['lora']!r}")
     methods = sweep.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise ValueError(f"{where}: `methods` must map labels to methods, got {methods!r}")
@@ -168,13 +170,13 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
             if key in group:
                 _setting(at, key, group[key])
         for m in group["models"]:
-            if m not in REGISTRY:
+            if not isinstance(m, str) or m not in REGISTRY:
                 raise ValueError(f"{at}: unknown model {m!r}; known: {sorted(REGISTRY)}")
         for a in group["attention"]:
-            if a not in BACKENDS:
+            if not isinstance(a, str) or a not in BACKENDS:
                 raise ValueError(f"{at}: unknown attention backend {a!r}; known: {list(BACKENDS)}")
         for label in group["methods"]:
-            if label not in methods:
+            if not isinstance(label, str) or label not in methods:
                 raise ValueError(f"{at}: method {label!r} is not defined under methods: {list(methods)}")
         for c in group["contexts"]:
             if not isinstance(c, int) or isinstance(c, bool) or c < 2:

@@ -214,3 +214,15 @@ def test_aggregate_skips_leftover_temporary_files_and_names_a_broken_record(tmp_
     (tmp_path / "rec" / "broken.json").write_text("{")
     with pytest.raises(SystemExit, match=r"lemo aggregate: .*broken.json: not a sweep record"):
         main(["aggregate", str(tmp_path / "rec"), "--out", str(tmp_path / "sweep.csv")])
+
+
+def test_a_cuda_sweep_on_a_machine_without_cuda_records_its_points_as_skipped(tmp_path):
+    from lemo.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "device": "cuda"}))
+    assert main(["measure", "--sweep", str(path), "--job", "llama2-tiny__sdpa-flash__gc0", "--out", str(tmp_path / "r")]) == 0
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert len(recs) == 4 and all(r["status"] == "skipped" and "no CUDA device" in r["reason"] for r in recs)
