@@ -173,8 +173,8 @@ class JobRunner:
                 continue
             rec = self.finished(p)
             if rec is not None:
-                self.log(f"[{job.id}] {p.method} ctx={p.context}: {rec['status']} (kept: measured by this commit on "
-                         f"{rec['provenance'].get('timestamp')})")
+                self.log(f"[{job.id}] {p.method} ctx={p.context}: {rec['status']} (kept: recorded by the run of "
+                         f"{rec['provenance'].get('timestamp')}, same commit and GPU)")
             else:
                 if model is None:
                     model = build_model(job.model, context=max(p.context for p in runnable), device=self.device,
