@@ -138,7 +138,8 @@ def _outcome(rows: pd.DataFrame, metric: str) -> tuple[str, float | None, str]:
 def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[str]:
     """Failure lines (empty = all pass); prints one line per covered point. `expected`: the sweep's
     Points (lemo.sweep.expand), so that a point or a whole job absent from the CSV is noticed."""
-    w = wide(frame).merge(frame[POINT_COLS + ["reason"]].drop_duplicates(POINT_COLS), on=POINT_COLS, how="left")
+    reasons = frame.reindex(columns=POINT_COLS + ["reason"]).drop_duplicates(POINT_COLS)  # reason is optional
+    w = wide(frame).merge(reasons, on=POINT_COLS, how="left")
     failures = []
     for c in checks:
         points = {tuple(r) for r in w.loc[w.method == c.method, KEYS].itertuples(index=False)}

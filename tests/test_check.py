@@ -36,6 +36,7 @@ def test_all_points_within_bounds_pass(capsys):
     assert run_checks(_frame(*GOOD), [CHECK], _expected()) == []
     out = capsys.readouterr().out
     assert out.count("ok   saves:") == 2 and "ctx=512" in out and "lora 4 / lemo 2 = ratio 2.000" in out
+    assert run_checks(_frame(*GOOD).drop(columns=["reason", "git_commit"]), [CHECK], _expected()) == []
 
 
 @pytest.mark.parametrize("status, reason, words", [
