@@ -167,7 +167,8 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         channel_layers = range(len(layers)) if config.mlp_channel_all_layers else sparse
         for i in channel_layers:
             mlp = layers[i].mlp
-            mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels)
+            mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels,
+                                            active_in_eval=config.active_in_eval)
             patched.append(mlp)
 
     recompute = config.efficient_norm and config.lora_norm_recompute
@@ -181,6 +182,10 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.shared = None
         if recompute:
             patch_lora_a(decoder, lora_a)
+        if (module.training or config.active_in_eval) and kwargs.get("use_cache") is not False:
+            # LeMo layers fill no KV cache; a config default of use_cache=True must not make the decoder build one.
+            return args, {**kwargs, "use_cache": False}
+        return None
 
     if config.efficient_norm:
         in_layers = {id(m) for layer in layers for m in layer.modules()}  # the final norm feeds no adapter
@@ -253,9 +258,10 @@ def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_los
 
     kwargs.pop("num_items_in_batch", None)  # the segmented loss is a mean over labelled tokens
     kwargs.pop("logits_to_keep", None)
+    kwargs["use_cache"] = False  # the caller may pass it too
     base = getattr(lm, lm.base_model_prefix)
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+               inputs_embeds=inputs_embeds, **kwargs)
     if kept_loss:  # the prediction at position t (label t + 1) counts only when t was kept everywhere
         kept = kept_everywhere(lm._lemo.state)
         if kept is not None:

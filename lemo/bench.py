@@ -2,7 +2,9 @@
 
 Points run in ascending context so that an out-of-memory, recorded as a data point, ends that
 method's climb (larger contexts are recorded as skipped with the reason). Every record carries the
-point's full configuration and provenance and is written atomically.
+point's full configuration and provenance and is written atomically as soon as the point is done, so
+a killed job loses at most the point in flight: a rerun keeps the measured (ok or out-of-memory)
+records of the same point, commit and GPU and measures the rest (`resume=False` measures everything).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; records are shared results
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
@@ -87,11 +90,25 @@ def classify_kernel(name: str) -> str:
     return "other"
 
 
+def describe(p: Point) -> str:
+    """The method in words; never raises (the error being recorded may be these very options)."""
+    try:
+        text = get_method(p.method_name).describe(p.options)
+    except Exception as err:
+        text = f"{p.method_name} with unusable options ({type(err).__name__}: {str(err)[:200]})"
+    return text + (" + saved activations offloaded to host memory" if p.offload_activations else "")
+
+
+RESUME_STATUSES = ("ok", "oom")  # measurements; errors and skips are redone
+RESUME_PROVENANCE = ("git_commit", "gpu")  # a record of other code or another GPU is not this run's
+
+
 class JobRunner:
-    def __init__(self, job: Job, out_dir: Path, log=print):
+    def __init__(self, job: Job, out_dir: Path, log=print, resume: bool = True):
         self.job = job
         self.out_dir = Path(out_dir)
         self.log = log
+        self.resume = resume
         first = job.points[0]
         self.device = torch.device(first.device)
         self.dtype = DTYPES[first.dtype]
@@ -102,8 +119,7 @@ class JobRunner:
         backend = get_backend(p.attention)
         rec = {
             "point": p.as_dict(),
-            "method_description": get_method(p.method_name).describe(p.options)
-                                  + (" + saved activations offloaded to host memory" if p.offload_activations else ""),
+            "method_description": describe(p),
             "attention_label": backend.label,
             "status": status,
             "reason": reason,
@@ -117,6 +133,18 @@ class JobRunner:
                  + (f" step={metrics['step_s']:.3f}s alloc={metrics.get('peak_allocated_gib')}GiB" if metrics and
                     "step_s" in metrics else ""))
         return rec
+
+    def finished(self, p: Point) -> dict | None:
+        """The record an earlier run wrote for `p` with the same configuration, commit and GPU, if any."""
+        if not self.resume:
+            return None
+        try:
+            rec = json.loads((self.out_dir / record_name(p)).read_text())
+            same = (rec["point"] == json.loads(json.dumps(p.as_dict()))
+                    and all(rec["provenance"].get(k) == self.provenance.get(k) for k in RESUME_PROVENANCE))
+        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: measure again
+            return None
+        return rec if same and rec.get("status") in RESUME_STATUSES else None
 
     def run(self) -> None:
         job, first = self.job, self.job.points[0]
@@ -136,23 +164,29 @@ class JobRunner:
                 self.record(p, "skipped", f"{job.model} has learned positions for {spec.max_positions} tokens")
             else:
                 runnable.append(p)
-        if not runnable:
-            return
-        model = build_model(job.model, context=max(p.context for p in runnable), device=self.device,
-                            dtype=self.dtype, attn_implementation=get_backend(runnable[0].attention).hf_implementation,
-                            seed=first.seed)
+        model = None  # built when the first point needs measuring (a resumed job may need none)
         failed_at: dict[tuple, int] = {}
         for p in runnable:  # ascending context, then method
             if (p.attention, p.method) in failed_at:
                 status, at = failed_at[p.attention, p.method]
                 self.record(p, "skipped", f"{'out of memory' if status == 'oom' else 'failed'} at {at} tokens")
                 continue
-            set_model_backend(model, p.attention)
-            rec = self.measure(model, spec, p)
+            rec = self.finished(p)
+            if rec is not None:
+                self.log(f"[{job.id}] {p.method} ctx={p.context}: {rec['status']} (kept: recorded by the run of "
+                         f"{rec['provenance'].get('timestamp')}, same commit and GPU)")
+            else:
+                if model is None:
+                    model = build_model(job.model, context=max(p.context for p in runnable), device=self.device,
+                                        dtype=self.dtype, seed=first.seed,
+                                        attn_implementation=get_backend(runnable[0].attention).hf_implementation)
+                set_model_backend(model, p.attention)
+                rec = self.measure(model, spec, p)
             if rec["status"] in ("oom", "error"):
                 failed_at[p.attention, p.method] = (rec["status"], p.context)
-        del model
-        _free(self.device)
+        if model is not None:
+            del model
+            _free(self.device)
 
     def measure(self, base, spec, p: Point) -> dict:
         method = get_method(p.method_name)

@@ -18,7 +18,7 @@ def _measure(args) -> int:
         if unknown:
             raise SystemExit(f"methods {sorted(unknown)} are not in job {job.id}")
         job.points = [p for p in job.points if p.method in args.methods]
-    JobRunner(job, Path(args.out)).run()
+    JobRunner(job, Path(args.out), resume=not args.fresh).run()
     return 0
 
 
@@ -31,9 +31,9 @@ def _jobs(args) -> int:
 
 
 def _aggregate(args) -> int:
-    from .results import aggregate
+    from .results import aggregate, record_files
 
-    files = [f for d in args.records for f in sorted(Path(d).rglob("*.json"))]
+    files = record_files(args.records)
     if not files:
         print(f"no records under {args.records}", file=sys.stderr)
         return 1
@@ -51,15 +51,21 @@ def _figures(args) -> int:
 
 
 def _check(args) -> int:
-    import pandas as pd
+    from .check import load_thresholds, read_results, run_checks
+    from .sweep import expand, load_sweep
 
-    from .check import load_checks, run_checks
-
-    failures = run_checks(pd.read_csv(args.csv), load_checks(args.thresholds))
+    checks, sweep = load_thresholds(args.thresholds)
+    sweep = Path(args.sweep) if args.sweep else sweep
+    if sweep is None:
+        raise ValueError(f"{args.thresholds}: name the sweep it checks (`sweep: ../sweeps/NAME.yaml`, relative to "
+                         "the file) or pass --sweep, so that points missing from the CSV are noticed")
+    failures = run_checks(read_results(args.csv), checks, expand(load_sweep(sweep)))
     if failures:
-        print(f"{len(failures)} check(s) failed", file=sys.stderr)
+        print(f"{len(failures)} failure(s) against {args.thresholds} (sweep {sweep}):", file=sys.stderr)
+        for line in failures:
+            print(f"  FAIL {line}", file=sys.stderr)
         return 1
-    print("all checks passed")
+    print(f"all {len(checks)} checks passed ({args.thresholds}, sweep {sweep})")
     return 0
 
 
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method labels of the job")
     p.add_argument("--out", required=True, help="directory for the records")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every point again (default: keep the ok/OOM records this commit wrote on this GPU)")
     p.set_defaults(func=_measure)
     p = sub.add_parser("jobs", help="list the jobs of a sweep")
     p.add_argument("--sweep", required=True)
@@ -157,6 +165,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="fail when a ratio leaves its committed bound")
     p.add_argument("csv")
     p.add_argument("--thresholds", required=True)
+    p.add_argument("--sweep", default=None, help="the sweep the CSV comes from (default: the thresholds file's `sweep`)")
     p.set_defaults(func=_check)
     p = sub.add_parser("report", help="markdown tables from a CSV (optionally into a README block)")
     p.add_argument("csv")
@@ -229,7 +238,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_eval_predictors)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input files or values: a message, not a traceback
+        raise SystemExit(f"lemo {args.command}: {err}") from err
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 MLP_MODES = ("token", "channel", "dense")
@@ -23,6 +27,60 @@ def from_fields(cls, data: dict, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
     return cls(**data)
+
+
+_KINDS = {  # annotation -> (accepts, what the message says is allowed)
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_types(obj) -> None:
+    """Fields annotated bool, int, float or str (optionally `| None`) must hold that type: a YAML
+    "false" is truthy, "0.4" or None fail later with unrelated errors, 1.5 tokens fail at the first forward."""
+    for f in fields(obj):
+        annotation = str(f.type)
+        optional = annotation.endswith(" | None")
+        kind = _KINDS.get(annotation.removesuffix(" | None"))
+        value = getattr(obj, f.name)
+        if kind is None or (optional and value is None):
+            continue  # compound annotations are checked by their class
+        accepts, what = kind
+        if not accepts(value):
+            raise ValueError(f"{type(obj).__name__}: {f.name} must be {what}{' or null' if optional else ''}, "
+                             f"got {value!r} ({type(value).__name__})")
+
+
+def _layer_list(value) -> list[int]:
+    """sparse_layers: a list of layer indices (ints >= 0); a string or a float is not one."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"LeMoConfig: sparse_layers must be a list of layer indices or null, got {value!r}")
+    bad = [i for i in value if not _KINDS["int"][0](i) or i < 0]
+    if bad:
+        raise ValueError(f"LeMoConfig: sparse_layers must hold integers >= 0, got {bad!r} in {value!r}")
+    return sorted({int(i) for i in value})
+
+
+def _threshold_value(value, where: str) -> float:
+    if not _KINDS["float"][0](value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"LeMoConfig: {where} must be a finite number >= 0 (a multiple of the layer's mean "
+                         f"block score), got {value!r}")
+    return float(value)
+
+
+def _thresholds(value) -> float | dict[int, float]:
+    """One threshold, or {layer: threshold} (JSON gives the layers as strings of digits)."""
+    if not isinstance(value, dict):
+        return _threshold_value(value, "threshold")
+    out = {}
+    for k, v in value.items():
+        layer = int(k) if isinstance(k, str) and k.isdigit() else k
+        if not _KINDS["int"][0](layer):
+            raise ValueError(f"LeMoConfig: threshold keys must be layer indices, got {k!r}")
+        out[int(layer)] = _threshold_value(v, f"threshold[{k!r}]")
+    return out
 
 
 @dataclass
@@ -87,6 +145,9 @@ class LeMoConfig:
     active_in_eval: bool = False
 
     def __post_init__(self):
+        if isinstance(self.predictor_path, os.PathLike):
+            self.predictor_path = os.fspath(self.predictor_path)
+        check_types(self)
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.selection not in SELECTIONS:
@@ -118,17 +179,21 @@ class LeMoConfig:
         if self.segment_loss_tokens < 0:
             raise ValueError(f"segment_loss_tokens must be >= 0 (0 disables), got {self.segment_loss_tokens}")
         if self.sparse_layers is not None:
-            self.sparse_layers = sorted({int(i) for i in self.sparse_layers})
+            self.sparse_layers = _layer_list(self.sparse_layers)
+        self.threshold = _thresholds(self.threshold)
         if self.sparse_first is not None and (self.sparse_layers is not None or self.sparse_first < 0):
             raise ValueError(f"sparse_first must be >= 0 and only given without sparse_layers, got {self.sparse_first}")
-        if isinstance(self.threshold, dict):
-            self.threshold = {int(k): float(v) for k, v in self.threshold.items()}
 
     def resolve_sparse_layers(self, num_layers: int) -> list[int]:
         """The sparse layer indices for a model of `num_layers`; unknown indices fail clearly."""
         if self.sparse_layers is None:
             first = max(0, num_layers // 2 - 1) if self.sparse_first is None else self.sparse_first
-            return list(range(first, num_layers - 1))
+            layers = list(range(first, num_layers - 1))
+            if not layers:
+                warnings.warn(f"LeMoConfig: the default schedule (layers n//2-1 .. n-2) gives no sparse layer for a "
+                              f"model of {num_layers} layer(s), so nothing is eliminated; pass sparse_layers="
+                              f"{list(range(num_layers))} to make its layers sparse", stacklevel=2)
+            return layers
         bad = [i for i in self.sparse_layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"sparse_layers {bad} out of range for a model of {num_layers} layers (0..{num_layers - 1})")

@@ -37,7 +37,7 @@ def git_state(root: Path | None = None) -> dict:
 
 
 def gpu_info(device: torch.device) -> dict:
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():  # a CUDA sweep here records its points as skipped
         return {"gpu": "cpu", "gpu_memory_gib": None, "driver": None, "cuda": None, "cudnn": None}
     props = torch.cuda.get_device_properties(device)
     driver = None

@@ -21,17 +21,25 @@ PROV_COLS = ["gpu", "driver", "cuda", "torch", "transformers", "peft", "triton",
              "git_dirty", "timestamp"]
 
 
+def record_files(directories) -> list[Path]:
+    """The records under `directories`, without the temporary files of a write cut short (.tmp-*)."""
+    return [f for d in directories for f in sorted(Path(d).rglob("*.json")) if not f.name.startswith(".tmp-")]
+
+
 def records_to_frame(paths) -> pd.DataFrame:
     rows = []
     for path in paths:
-        rec = json.loads(Path(path).read_text())
-        point, prov = rec["point"], rec["provenance"]
-        base = {c: point[c] for c in POINT_COLS}
-        base.update(status=rec["status"], reason=rec.get("reason"), attention_label=rec.get("attention_label"),
-                    rope_factor=rec.get("rope_factor"), warmup=point["warmup"], steps=point["steps"],
-                    dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True))
-        base.update({c: prov.get(c) for c in PROV_COLS})
-        metrics = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+        try:
+            rec = json.loads(Path(path).read_text())
+            point, prov = rec["point"], rec["provenance"]
+            base = {c: point[c] for c in POINT_COLS}
+            base.update(status=rec["status"], reason=rec.get("reason"), attention_label=rec.get("attention_label"),
+                        rope_factor=rec.get("rope_factor"), warmup=point["warmup"], steps=point["steps"],
+                        dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True))
+            base.update({c: prov.get(c) for c in PROV_COLS})
+            metrics = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a sweep record ({type(err).__name__}: {err})") from err
         if not metrics:  # OOM / skipped / error: one row that says so
             rows.append({**base, "metric": "status", "value": None, "unit": None})
         for name, value in sorted(metrics.items()):

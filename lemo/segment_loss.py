@@ -30,15 +30,15 @@ class SegmentedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, segment: int):
         # hidden (N, D), weight (V, D), targets (N,) with IGNORE_INDEX for unlabelled positions
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        count = (targets != IGNORE_INDEX).sum()
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], segment):
             logits = F.linear(hidden[start:start + segment], weight, bias).float()
             total += F.cross_entropy(logits, targets[start:start + segment], ignore_index=IGNORE_INDEX,
                                      reduction="sum")
-        ctx.save_for_backward(hidden, weight, bias, targets, count)
+        ctx.save_for_backward(hidden, weight, bias, targets, count.clamp(min=1))
         ctx.segment = segment
-        return total / count
+        return total / count  # NaN when no position is labelled (zero gradients), as Hugging Face's loss
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -19,9 +19,26 @@ from .methods import METHODS
 from .models.registry import REGISTRY
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
+TOP_KEYS = {"name", "lora", "methods", "groups", "kernel_benchmarks", *DEFAULTS}
+GROUP_KEYS = {"models", "attention", "gradient_checkpointing", "contexts", "methods"}  # required
+GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes"}
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
 # checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading).
 METHOD_KEYS = {"method", "lora", "lemo", "longlora", "offload_activations"}
+OPTION_KEYS = {"lora": {"lora"}, "lemo": {"lora", "lemo"}, "longlora": {"lora", "longlora"}}  # per method
+
+
+def _int(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"an integer >= {lo}"
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+# Settings: (accepts, what is allowed). steps: 0 would leave nothing to take the median of.
+SETTINGS = {"batch_size": _int(1), "warmup": _int(0), "steps": _int(1), "seed": _int(0), "profile": _BOOL,
+            "saved_bytes": _BOOL, "gradient_checkpointing": _BOOL,
+            "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
+            "dtype": (lambda v: v in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32"),
+            "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string")}
 
 
 @dataclass(frozen=True)
@@ -66,35 +83,107 @@ class Job:
 
 
 def load_sweep(path: str | Path) -> dict:
-    with open(path) as f:
-        sweep = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            sweep = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
     validate_sweep(sweep, str(path))
     return sweep
 
 
+def _setting(where: str, key: str, value) -> None:
+    accepts, what = SETTINGS[key]
+    if not accepts(value):
+        raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
+
+
+def _unknown(where: str, data: dict, known: set) -> None:
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(map(str, unknown))}; known: {sorted(known)}")
+
+
+def method_options(spec: dict, where: str, default_lora: dict | None = None) -> None:
+    """A method entry ({method, options...}) whose options build: unknown or mistyped options fail here,
+    before any model is built."""
+    from baselines.longlora import LongLoraOptions
+    from baselines.lora import LoraOptions
+
+    from .config import LeMoConfig, check_types, from_fields
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a mapping with a `method`, got {spec!r}")
+    if not isinstance(spec.get("method"), str) or spec["method"] not in METHODS:
+        raise ValueError(f"{where} runs unknown method {spec.get('method')!r}; known: {list(METHODS)}")
+    _unknown(where, spec, METHOD_KEYS)
+    allowed = OPTION_KEYS[spec["method"]]
+    extra = set(spec) & (METHOD_KEYS - allowed - {"method", "offload_activations"})
+    if extra:
+        raise ValueError(f"{where}: method {spec['method']!r} takes no {sorted(extra)} options (it takes {sorted(allowed)})")
+    if not isinstance(spec.get("offload_activations", False), bool):
+        raise ValueError(f"{where}: offload_activations must be true or false")
+    kinds = {"lora": LoraOptions, "lemo": LeMoConfig, "longlora": LongLoraOptions}
+    for key in sorted(allowed):
+        data = spec.get(key, (default_lora or {}) if key == "lora" else {})
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: {key} options must be a mapping, got {data!r}")
+        try:
+            opts = from_fields(kinds[key], data, f"{key} options")
+            check_types(opts)
+            if key == "lora":
+                opts.target_modules("llama")  # the letters of q, k, v, o
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
+
+
 def validate_sweep(sweep: dict, where: str = "sweep") -> None:
-    methods = sweep.get("methods") or {}
+    """Every key known and every value of the right type, or a ValueError naming the key and value."""
+    if not isinstance(sweep, dict):
+        raise ValueError(f"{where}: expected a mapping of sweep settings, got {type(sweep).__name__}")
+    _unknown(where, sweep, TOP_KEYS)
+    for key in ("name", *DEFAULTS):
+        if key in sweep or key == "name":
+            _setting(where, key, sweep.get(key))
+    if not isinstance(sweep.get("lora", {}), dict):
+        raise ValueError(f"{where}: lora (the default LoRA options) must be a mapping, got {sweep['lora']!r}")
+    methods = sweep.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(f"{where}: `methods` must map labels to methods, got {methods!r}")
     for label, spec in methods.items():
-        if spec.get("method") not in METHODS:
-            raise ValueError(f"{where}: method {label!r} runs unknown method {spec.get('method')!r}; known: {list(METHODS)}")
-        unknown = set(spec) - METHOD_KEYS
-        if unknown:
-            raise ValueError(f"{where}: method {label!r} has unknown keys {sorted(unknown)}; known: {sorted(METHOD_KEYS)}")
-        if not isinstance(spec.get("offload_activations", False), bool):
-            raise ValueError(f"{where}: method {label!r}: offload_activations must be true or false")
-    for i, group in enumerate(sweep.get("groups") or []):
+        method_options(spec, f"{where}: method {label!r}", sweep.get("lora"))
+    groups = sweep.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise ValueError(f"{where}: `groups` must be a non-empty list, got {groups!r}")
+    for i, group in enumerate(groups):
+        at = f"{where}: group {i}"
+        if not isinstance(group, dict):
+            raise ValueError(f"{at}: expected a mapping, got {group!r}")
+        _unknown(at, group, GROUP_KEYS | GROUP_OPTIONAL)
+        missing = GROUP_KEYS - set(group)
+        if missing:
+            raise ValueError(f"{at}: missing keys {sorted(missing)}")
+        for key in GROUP_KEYS - {"gradient_checkpointing"}:
+            if not isinstance(group[key], list) or not group[key]:
+                raise ValueError(f"{at}: {key} must be a non-empty list, got {group[key]!r}")
+        for key in GROUP_OPTIONAL | {"gradient_checkpointing"}:
+            if key in group:
+                _setting(at, key, group[key])
         for m in group["models"]:
-            if m not in REGISTRY:
-                raise ValueError(f"{where}: group {i}: unknown model {m!r}; known: {sorted(REGISTRY)}")
+            if not isinstance(m, str) or m not in REGISTRY:
+                raise ValueError(f"{at}: unknown model {m!r}; known: {sorted(REGISTRY)}")
         for a in group["attention"]:
-            if a not in BACKENDS:
-                raise ValueError(f"{where}: group {i}: unknown attention backend {a!r}; known: {list(BACKENDS)}")
+            if not isinstance(a, str) or a not in BACKENDS:
+                raise ValueError(f"{at}: unknown attention backend {a!r}; known: {list(BACKENDS)}")
         for label in group["methods"]:
-            if label not in methods:
-                raise ValueError(f"{where}: group {i}: method {label!r} is not defined under methods: {list(methods)}")
+            if not isinstance(label, str) or label not in methods:
+                raise ValueError(f"{at}: method {label!r} is not defined under methods: {list(methods)}")
         for c in group["contexts"]:
-            if int(c) < 2:
-                raise ValueError(f"{where}: group {i}: context {c} too short (need >= 2 tokens for a next-token loss)")
+            if not isinstance(c, int) or isinstance(c, bool) or c < 2:
+                raise ValueError(f"{at}: context {c!r} must be an integer >= 2 (tokens; a next-token loss needs 2)")
+    kernels = sweep.get("kernel_benchmarks", [])
+    if not isinstance(kernels, list) or not all(isinstance(k, str) for k in kernels):
+        raise ValueError(f"{where}: kernel_benchmarks must be a list of names, got {sweep['kernel_benchmarks']!r}")
 
 
 def expand(sweep: dict) -> list[Point]:

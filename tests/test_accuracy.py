@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 
@@ -151,6 +152,28 @@ def test_experiment_files_load(name):
     with pytest.raises(ValueError, match="--predictors"):
         exp.method_options("lemo-predictor")
     assert exp.method_options("lemo-predictor", Path("/p"))["lemo"]["predictor_path"] == "/p"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.update(finetun={}), r"unknown sections \['finetun'\]"),
+    (lambda d: d["corpus"].update(vocab=10), "corpus: unknown key 'vocab'"),
+    (lambda d: d["corpus"].update(heldout_fraction="0.1"), "corpus: heldout_fraction must be a number"),
+    (lambda d: d["predictors"].update(steps=1.5), "predictors: steps must be an integer"),
+    (lambda d: d["pretrain"].update(lr="1e-3"), r"pretrain: PretrainConfig: lr must be a number, got '1e-3'"),
+    (lambda d: d["finetune"].update(step=3), r"finetune: unknown fields \['step'\]"),
+    (lambda d: d["finetune"].update(gradient_checkpointing="no"), "gradient_checkpointing must be true or false"),
+    (lambda d: d["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "method 'lemo-token': mlp_mode"),
+    (lambda d: d["methods"]["lora"]["lora"].update(target="qv"), r"method 'lora': lora options: unknown fields"),
+    (lambda d: d.pop("methods"), r"missing sections \['methods'\]"),
+])
+def test_bad_experiment_files_fail_at_load_naming_file_and_key(tmp_path, change, words):
+    data = yaml.safe_load((ROOT / "workflows/accuracy/ci.yaml").read_text())
+    change(data)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=words) as err:
+        load_experiment(path)
+    assert str(path) in str(err.value)
 
 
 def test_real_checkpoint_path_end_to_end(tmp_path):

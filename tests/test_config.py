@@ -46,3 +46,39 @@ def test_threshold_dict_must_cover_sparse_layers():
     assert cfg.layer_threshold(1) == 1.0
     with pytest.raises(ValueError, match="no threshold for sparse layer 2"):
         cfg.layer_threshold(2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(active_in_eval="false"), r"active_in_eval must be true or false, got 'false' \(str\)"),
+    (dict(keep_first_block=1), "keep_first_block must be true or false"),
+    (dict(sparse_layers="12"), "sparse_layers must be a list of layer indices"),
+    (dict(sparse_layers=[1.7]), r"sparse_layers must hold integers >= 0, got \[1.7\]"),
+    (dict(sparse_layers=[True]), "sparse_layers must hold integers"),
+    (dict(sparse_layers=[-1]), "sparse_layers must hold integers >= 0"),
+    (dict(keep_ratio="0.4"), r"keep_ratio must be a number, got '0.4' \(str\)"),
+    (dict(keep_ratio=float("nan")), "keep_ratio must be in"),
+    (dict(block_size=None), r"block_size must be an integer, got None"),
+    (dict(block_size=16.5), "block_size must be an integer"),
+    (dict(segment_loss_tokens=1024.0), "segment_loss_tokens must be an integer"),
+    (dict(threshold=float("nan")), "threshold must be a finite number >= 0"),
+    (dict(threshold=-0.5), "threshold must be a finite number >= 0"),
+    (dict(threshold={3: float("inf")}), r"threshold\[3\] must be a finite number"),
+    (dict(threshold={"x": 1.0}), "threshold keys must be layer indices"),
+    (dict(mlp_mode=None), "mlp_mode must be a string"),
+    (dict(predictor_path=3), "predictor_path must be a string or null"),
+])
+def test_wrong_types_fail_naming_field_value_and_what_is_allowed(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        LeMoConfig(**kwargs)
+
+
+def test_json_threshold_keys_and_integral_numbers_are_accepted():
+    cfg = LeMoConfig.from_dict({"threshold": {"3": 1, "5": 0.5}, "keep_ratio": 1, "sparse_layers": (3, 5)})
+    assert cfg.threshold == {3: 1.0, 5: 0.5} and cfg.sparse_layers == [3, 5]
+    assert LeMoConfig(threshold=0).threshold == 0.0
+
+
+def test_one_layer_model_with_default_schedule_warns_naming_the_fix():
+    with pytest.warns(UserWarning, match=r"no sparse layer .* sparse_layers=\[0\]"):
+        assert LeMoConfig().resolve_sparse_layers(1) == []
+    assert LeMoConfig(sparse_layers=[0]).resolve_sparse_layers(1) == [0]

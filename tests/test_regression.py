@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from lemo.bench import JobRunner
-from lemo.check import Check, load_checks, run_checks
+from lemo.check import Check, load_thresholds, run_checks
 from lemo.cli import main
 from lemo.results import aggregate
-from lemo.sweep import jobs, load_sweep
+from lemo.sweep import expand, jobs, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,5 +36,6 @@ def test_check_fails_out_of_bounds_and_on_empty_matches(ci_csv):
 
 def test_committed_h200_results_pass_their_thresholds():
     csv = ROOT / "results/h200/sweep.csv"
-    failures = run_checks(pd.read_csv(csv), load_checks(ROOT / "workflows/thresholds/h200.yaml"))
+    checks, sweep = load_thresholds(ROOT / "workflows/thresholds/h200.yaml")
+    failures = run_checks(pd.read_csv(csv), checks, expand(load_sweep(sweep)))
     assert not failures, failures

@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -33,6 +34,22 @@ def test_jobs_group_by_model_backend_checkpointing_in_context_order():
     (lambda s: s["methods"].update(x={"method": "magic"}), "unknown method 'magic'"),
     (lambda s: s["methods"]["lora"].update(offload=True), r"unknown keys \['offload'\]"),
     (lambda s: s["methods"]["lora"].update(offload_activations="yes"), "offload_activations must be true or false"),
+    (lambda s: s.update(context=[1024]), r"unknown keys \['context'\]"),
+    (lambda s: s["groups"][0].update(step=2), r"group 0: unknown keys \['step'\]"),
+    (lambda s: s["groups"][0].pop("contexts"), r"group 0: missing keys \['contexts'\]"),
+    (lambda s: s["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "'lemo-token': mlp_mode must be one of"),
+    (lambda s: s["methods"]["lemo-token"]["lemo"].update(keep=0.3), r"lemo options: unknown fields \['keep'\]"),
+    (lambda s: s["methods"]["lora"].update(lora={"target": "qv"}), r"lora options: unknown fields \['target'\]"),
+    (lambda s: s["lora"].update(targets="qx"), "targets must be letters of 'qkvo'"),
+    (lambda s: s["lora"].update(r="8"), "r must be an integer"),
+    (lambda s: s["methods"]["lora"].update(lemo={}), r"method 'lora' takes no \['lemo'\] options"),
+    (lambda s: s.update(steps=0), "steps must be an integer >= 1, got 0"),
+    (lambda s: s["groups"][0].update(steps=0), "group 0: steps must be an integer >= 1"),
+    (lambda s: s["groups"][0].update(contexts=["1024"]), "context '1024' must be an integer >= 2"),
+    (lambda s: s["groups"][0].update(models="llama2-tiny"), "models must be a non-empty list"),
+    (lambda s: s["groups"][0].update(gradient_checkpointing="false"), "gradient_checkpointing must be true or false"),
+    (lambda s: s.update(device="gpu"), "device must be 'cuda' or 'cpu'"),
+    (lambda s: s.update(groups=[]), "`groups` must be a non-empty list"),
 ])
 def test_bad_sweeps_fail_naming_the_problem(change, words):
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
@@ -152,3 +169,60 @@ def test_offloaded_method_runs_and_says_so(tmp_path, monkeypatch):
     assert seen == [False, True] and off["status"] == "ok"
     assert "offloaded to host" in off["method_description"]
     assert "offloaded" not in recs["sdpa-math__lemo-token__256__b1.json"]["method_description"]
+
+
+def test_sweep_files_fail_at_load_naming_the_file(tmp_path):
+    from lemo.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ValueError, match=f"{path}: not valid YAML"):
+        load_sweep(path)
+    bad = yaml.safe_load(yaml.safe_dump(SWEEP))
+    bad["methods"]["lemo-token"]["lemo"]["mlp_mode"] = "tokn"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=f"{path}: method 'lemo-token': mlp_mode must be one of"):
+        load_sweep(path)
+
+
+def test_an_error_inside_a_point_is_recorded_even_when_describing_the_method_fails(tmp_path):
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))  # built without validation, as a stale job file could be
+    sweep["methods"]["lemo-token"]["lemo"]["mlp_mode"] = "tokn"
+    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], methods=["lemo-token", "lora"])
+    bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    bad = recs["sdpa-math__lemo-token__256__b1.json"]
+    assert bad["status"] == "error" and "mlp_mode must be one of" in bad["reason"]
+    assert "unusable options" in bad["method_description"]
+    assert recs["sdpa-math__lora__256__b1.json"]["status"] == "ok"  # the job went on
+
+
+def test_records_are_written_world_readable(tmp_path):
+    bench.write_record(tmp_path / "r.json", {"a": 1})
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_aggregate_skips_leftover_temporary_files_and_names_a_broken_record(tmp_path):
+    from lemo.cli import main
+
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], methods=["lora"])
+    bench.JobRunner(jobs(sweep)[0], tmp_path / "rec", log=lambda *_: None).run()
+    (tmp_path / "rec" / ".tmp-abc123.json").write_text('{"point": ')  # a write cut short by a kill
+    assert main(["aggregate", str(tmp_path / "rec"), "--out", str(tmp_path / "sweep.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "sweep.csv").method.unique()) == 1
+    (tmp_path / "rec" / "broken.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"lemo aggregate: .*broken.json: not a sweep record"):
+        main(["aggregate", str(tmp_path / "rec"), "--out", str(tmp_path / "sweep.csv")])
+
+
+def test_a_cuda_sweep_on_a_machine_without_cuda_records_its_points_as_skipped(tmp_path):
+    from lemo.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "device": "cuda"}))
+    assert main(["measure", "--sweep", str(path), "--job", "llama2-tiny__sdpa-flash__gc0", "--out", str(tmp_path / "r")]) == 0
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert len(recs) == 4 and all(r["status"] == "skipped" and "no CUDA device" in r["reason"] for r in recs)

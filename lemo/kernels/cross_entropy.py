@@ -225,7 +225,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         del buf
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return loss_rows.sum() / count
+        return loss_rows.sum() / valid.sum()  # NaN when no row is labelled, as Hugging Face's loss
 
     @staticmethod
     def backward(ctx, grad_loss):

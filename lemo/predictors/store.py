@@ -77,17 +77,32 @@ class PredictorSet(nn.Module):
         if not (path / META).exists() or not (path / WEIGHTS).exists():
             raise ValueError(f"{path} holds no predictors ({META} + {WEIGHTS}); write them with "
                              "`lemo train-predictors --model MODEL --corpus DIR --out DIR`")
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        g = meta["geometry"]
-        preds = {}
-        for key, w in meta["layers"].items():
-            preds[int(key)] = LayerPredictor(g["num_heads"], g["head_dim"], g["slice_dim"], meta["block_size"],
-                                             tuple(w["q"]), per_head=meta["per_head"], k_widths=tuple(w["k"]))
+        try:
+            meta = json.loads((path / META).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path / META}: not valid JSON ({err}); rewrite it with `lemo train-predictors`") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{path / META}: format {found!r}, expected {FORMAT!r}")
+        missing = [k for k in ("block_size", "geometry", "layers", "per_head", "identity") if k not in meta]
+        if not missing and "fingerprint" not in (meta["identity"] or {}):
+            missing = ["identity.fingerprint"]
+        if missing:
+            raise ValueError(f"{path / META}: missing keys {missing}; rewrite it with `lemo train-predictors`")
+        try:
+            g = meta["geometry"]
+            preds = {}
+            for key, w in meta["layers"].items():
+                preds[int(key)] = LayerPredictor(g["num_heads"], g["head_dim"], g["slice_dim"], meta["block_size"],
+                                                 tuple(w["q"]), per_head=meta["per_head"], k_widths=tuple(w["k"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / META}: malformed layers or geometry ({type(err).__name__}: {err})") from err
         out = cls(preds, {k: v for k, v in meta.items() if k not in ("layers", "parameters")})
-        state = load_file(str(path / WEIGHTS))
-        out.predictors.load_state_dict(state, strict=True)
+        try:
+            out.predictors.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        except Exception as err:  # safetensors' own error types, or missing / mis-shaped tensors
+            raise ValueError(f"{path / WEIGHTS}: cannot load the predictor weights ({type(err).__name__}: "
+                             f"{str(err)[:300]})") from err
         return out.to(device=device, dtype=dtype)
 
 

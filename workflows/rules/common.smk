@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+from lemo.accuracy.experiment import load_experiment
 from lemo.sweep import jobs, load_sweep
 
 wildcard_constraints:
@@ -43,6 +44,7 @@ MODELS = sorted({job.model for job in JOBS.values()})
 # Accuracy experiment (workflows/accuracy/NAME.yaml): the 17M-parameter model on a GPU, a tiny one on CPU.
 ACCURACY = config.get("accuracy") or ("small" if NAME.startswith("h200") else "ci")
 ACCURACY_FILE = f"workflows/accuracy/{ACCURACY}.yaml"
+load_experiment(ACCURACY_FILE)  # validated: a bad key or option fails here, before any job runs
 with open(ACCURACY_FILE) as _f:
     import yaml as _yaml
 

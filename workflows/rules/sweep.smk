@@ -5,31 +5,40 @@ def predictor_inputs(wildcards):
 
 
 rule measure:
-    """One job = one model at one checkpointing setting: every backend, context and method in it."""
+    """One job = one model at one checkpointing setting: every backend, context and method in it.
+
+    The records (results/NAME/records/JOB/*.json, one per point, written as each point finishes) are
+    not outputs, so Snakemake never deletes them: a job killed or failed keeps what it measured, and its
+    rerun measures only the rest (same commit and GPU). The output is the marker of a finished job."""
     input:
         predictor_inputs,
     output:
-        directory("results/{name}/records/{job}"),
+        "results/{name}/records/{job}.done",
     log:
         "results/{name}/logs/records/{job}.log",
     params:
         sweep=SWEEP_FILE,
+        records=lambda w: f"results/{w.name}/records/{w.job}",
+        fresh="--fresh" if config.get("fresh") else "",  # --config fresh=1: measure again, keep nothing
     threads: workflow.cores  # timed jobs never share the machine
     resources:
         gpu=1,
     shell:
-        "{PY} -m lemo measure --sweep {params.sweep} --job {wildcards.job} --out {output} > {log} 2>&1"
+        "{PY} -m lemo measure --sweep {params.sweep} --job {wildcards.job} --out {params.records} {params.fresh}"
+        " > {log} 2>&1 && touch {output}"
 
 
 rule aggregate:
     input:
-        expand("results/{{name}}/records/{job}", job=sorted(JOBS)),
+        expand("results/{{name}}/records/{job}.done", job=sorted(JOBS)),
     output:
         "results/{name}/sweep.csv",
     log:
         "results/{name}/logs/sweep.log",
+    params:
+        records=lambda w, input: [p.removesuffix(".done") for p in input],
     shell:
-        "{PY} -m lemo aggregate {input} --out {output} > {log} 2>&1"
+        "{PY} -m lemo aggregate {params.records} --out {output} > {log} 2>&1"
 
 
 rule figures:
