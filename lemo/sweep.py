@@ -20,8 +20,9 @@ from .models.registry import REGISTRY
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
-# checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading).
-METHOD_KEYS = {"method", "lora", "lemo", "longlora", "offload_activations"}
+# checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading),
+# and `liger` (Liger-Kernel under lora-liger or lemo: true or a dict of baselines.liger.LigerOptions).
+METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
 
 
 @dataclass(frozen=True)
