@@ -122,3 +122,28 @@ def test_liger_refuses_other_families_and_bad_options():
     assert liger_options({}) is None and liger_options({"liger": True}) == LigerOptions()
     with pytest.raises(TypeError):
         liger_options({"liger": {"fused": True}})
+
+
+def test_lora_liger_with_recomputation_and_offload_runs_in_the_harness(tmp_path):
+    import json
+
+    from lemo.bench import JobRunner
+    from lemo.sweep import jobs
+
+    sweep = {"name": "t", "device": "cpu", "dtype": "float32", "warmup": 0, "steps": 1,
+             "lora": {"adapter_dtype": "model"},
+             "methods": {"lora-liger": {"method": "lora-liger"},
+                         "lora-liger-offload": {"method": "lora-liger", "offload_activations": True},
+                         "lora": {"method": "lora"}},
+             "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-math"], "gradient_checkpointing": True,
+                         "contexts": [LENGTH], "methods": ["lora-liger", "lora-liger-offload", "lora"]}]}
+    module_before = dict(vars(modeling_llama))
+    JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
+    recs = {p.name.split("__")[1]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert {m: r["status"] for m, r in recs.items()} == {"lora-liger": "ok", "lora-liger-offload": "ok", "lora": "ok"}
+    off = recs["lora-liger-offload"]
+    assert "Liger-Kernel" in off["method_description"] and "offloaded to host" in off["method_description"]
+    losses = {m: r["metrics"]["loss"] for m, r in recs.items()}  # same model, same batch, B = 0 at the step
+    assert losses["lora-liger-offload"] == pytest.approx(losses["lora-liger"], rel=1e-6)
+    assert losses["lora"] == pytest.approx(losses["lora-liger"], rel=1e-5)
+    assert dict(vars(modeling_llama)) == module_before
