@@ -4,6 +4,10 @@ A thresholds file lists checks; each compares `method` with `baseline` on `metri
 points (model, attention, checkpointing, context) and fails when the ratio baseline/method (or
 method/baseline for higher-is-better metrics) leaves [min, max]. A check that matches no point
 fails too: a silently empty check is no check.
+
+`baseline: strongest-lora` compares instead with the strongest LoRA-family row of the point in the
+same run (lowest value on any backend: lora, lora-liger, offloaded or not; results.strongest_ratios),
+taking `method` on its best backend per point: the targets table's ratio.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from dataclasses import dataclass
 import pandas as pd
 import yaml
 
-from .results import ratios
+from .results import ratios, strongest_ratios
+
+STRONGEST = "strongest-lora"
 
 
 @dataclass
@@ -40,8 +46,15 @@ def run_checks(frame: pd.DataFrame, checks: list[Check]) -> list[str]:
     """Failure messages (empty = all pass); also prints one line per checked ratio."""
     failures = []
     for c in checks:
-        r = ratios(frame, c.metric, c.baseline, c.higher_is_better)
-        r = r[r.method == c.method]
+        if c.baseline == STRONGEST:
+            if c.higher_is_better:
+                raise ValueError(f"{c.name}: {STRONGEST} compares lower-is-better metrics (memory, time) only")
+            r = strongest_ratios(frame, c.metric, same_run=True)
+            r = r[r.method == c.method].sort_values("ratio")
+            r = r.groupby(["model", "gradient_checkpointing", "context", "batch_size", "git_commit"]).tail(1)
+        else:
+            r = ratios(frame, c.metric, c.baseline, c.higher_is_better)
+            r = r[r.method == c.method]
         if c.model is not None:
             r = r[r.model == c.model]
         if c.gradient_checkpointing is not None:
