@@ -3,7 +3,9 @@
 A sweep names its methods (label -> method + options) and lists groups; each group is a product of
 models x attention backends x contexts x methods at one checkpointing setting. All points sharing
 (model, attention backend, checkpointing) form one job: one process and one model build, every
-method measured side by side on the same machine and model instance.
+method measured side by side on the same machine and model instance. A group with `one_process: true`
+puts all its backends in one job instead (job id MODEL__A+B__gcN): the model switches backend per
+point, so methods on different backends share the process too (e.g. LoRA on cuDNN beside LeMo on flash).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class Point:
     seed: int = 0
     profile: bool = False
     saved_bytes: bool = True
+    job_attention: str = ""  # "a+b" when a one_process group measures several backends in one job
+
+    @property
+    def job_key(self) -> tuple:
+        return (self.model, self.job_attention or self.attention, self.gradient_checkpointing)
 
     @property
     def offload_activations(self) -> bool:
@@ -93,6 +100,8 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
         for label in group["methods"]:
             if label not in methods:
                 raise ValueError(f"{where}: group {i}: method {label!r} is not defined under methods: {list(methods)}")
+        if not isinstance(group.get("one_process", False), bool):
+            raise ValueError(f"{where}: group {i}: one_process must be true or false")
         for c in group["contexts"]:
             if int(c) < 2:
                 raise ValueError(f"{where}: group {i}: context {c} too short (need >= 2 tokens for a next-token loss)")
@@ -104,6 +113,8 @@ def expand(sweep: dict) -> list[Point]:
     points, seen = [], set()
     for group in sweep["groups"]:
         overrides = {k: group[k] for k in ("warmup", "steps", "batch_size", "profile", "saved_bytes") if k in group}
+        if group.get("one_process") and len(group["attention"]) > 1:
+            overrides["job_attention"] = "+".join(group["attention"])
         for model in group["models"]:
             for attention in group["attention"]:
                 for context in sorted(int(c) for c in group["contexts"]):
@@ -124,11 +135,11 @@ def expand(sweep: dict) -> list[Point]:
 
 
 def jobs(sweep: dict) -> list[Job]:
-    """Points grouped by (model, attention, checkpointing), ordered by context, then method."""
+    """Points grouped by (model, attention, checkpointing), ordered by context, then method (one_process
+    groups: by their backends together)."""
     by_key: dict[tuple, Job] = {}
     for p in sorted(expand(sweep), key=lambda p: p.context):
-        key = (p.model, p.attention, p.gradient_checkpointing)
-        by_key.setdefault(key, Job(*key, points=[])).points.append(p)
+        by_key.setdefault(p.job_key, Job(*p.job_key, points=[])).points.append(p)
     return list(by_key.values())
 
 
