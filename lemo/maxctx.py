@@ -194,7 +194,8 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=print) -> dict:
     result = search_max_context(probe, settings["start"], settings["limit"], settings["granularity"],
                                 settings["time_bound_s"])
     best = result.best
-    out = {"search": s.id, "model": s.point.model, "method": s.point.method, "attention": s.point.attention,
+    out = {"search": s.id, "model": s.point.model, "method": s.point.method, "method_name": s.point.method_name,
+           "attention": s.point.attention,
            "gradient_checkpointing": s.point.gradient_checkpointing, "cap_gib": s.cap_gib,
            "device_total_gib": None if total is None else total / 2**30, "max_context": result.max_context,
            "bound": result.bound, "step_s": best.step_s if best else None, "peak_gib": best.peak_gib if best else None,

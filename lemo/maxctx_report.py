@@ -13,11 +13,12 @@ import pandas as pd
 
 from .results import PROV_COLS
 
-COLUMNS = ["model", "method", "attention", "gradient_checkpointing", "cap_gib", "max_context", "step_s", "peak_gib",
+COLUMNS = ["model", "method", "method_name", "attention", "gradient_checkpointing", "cap_gib", "max_context", "step_s", "peak_gib",
            "bound", "probes", "device_total_gib", "config"]
 
 
 def is_lora_family(method: str) -> bool:
+    """By label (lora, lora-liger-offload, ...); results.LORA_FAMILY names the Methods themselves."""
     return method == "lora" or method.startswith("lora-")
 
 
