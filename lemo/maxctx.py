@@ -19,7 +19,7 @@ runner's command limit). What ended the search is the `bound`:
 
 A cap is `torch.cuda.set_per_process_memory_fraction(cap_gib / total)`: it bounds the caching
 allocator, not the CUDA context. Re-running a search reuses the probes already recorded (resume after
-a runner's time limit).
+a runner's time limit), whatever commit recorded them: delete the search directory to measure anew.
 """
 
 from __future__ import annotations
