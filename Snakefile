@@ -10,12 +10,18 @@
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"
 include: "workflows/rules/accuracy.smk"
+include: "workflows/rules/maxctx.smk"
+
+
+# A max-context sweep (a `max_context` section) makes its table and figure instead of the step sweep.
+STEP_OUTPUTS = [f"results/{NAME}/sweep.csv", f"results/{NAME}/summary.md",
+                *expand("figures/{name}/{model}.png", name=NAME, model=MODELS),
+                f"results/accuracy/{ACCURACY}/summary.md"]
+MAXCTX_OUTPUTS = [f"results/{NAME}/max_context.csv", f"results/{NAME}/max_context.md",
+                  f"figures/{NAME}/max_context.png"]
 
 
 rule all:
     input:
-        f"results/{NAME}/sweep.csv",
-        f"results/{NAME}/summary.md",
-        expand("figures/{name}/{model}.png", name=NAME, model=MODELS),
-        f"results/accuracy/{ACCURACY}/summary.md",
+        MAXCTX_OUTPUTS if SEARCHES else STEP_OUTPUTS,
         [f"results/{NAME}/kernels/summary.md"] if KERNELS else [],

@@ -6,6 +6,12 @@ LeMo is inactive (evaluation). Selection is computed before gradient checkpointi
 computation, so recomputation never re-scores. A forward pre-hook on the decoder captures the padding
 mask and position ids; the causal LM's forward is wrapped for the segmented loss. PEFT LoRA may be
 applied before or after; `remove_lemo` restores every layer, MLP and forward it touched.
+
+With Liger-Kernel (baselines.liger) the order is LoRA -> Liger -> LeMo: Liger binds its RMSNorm,
+SwiGLU and FLCE forwards on the instances (and its RoPE in the Llama module, used by the dense layers'
+attention); LeMo then replaces the norm and MLP forwards it has its own version of (efficient_norm,
+channel MLP) and wraps the LM forward for the segmented loss; `remove_lemo` puts Liger's forwards
+back, so `remove_liger` runs after it. Where LeMo does not patch, Liger's kernels run.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class LeMoLayer(nn.Module):
         if not self._active():
             self.original.train(self.training)
             return self.original(hidden_states, *args, **kwargs)
+        if hidden_states.shape[1] < self.config.min_sparse_tokens:
+            return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
         if _cache_in_use(kwargs):
             raise ValueError("LeMo layers are for training and do not fill a KV cache; pass use_cache=False "
                              "or call model.eval() (LeMo is inactive in eval mode)")
@@ -85,6 +93,15 @@ class LeMoLayer(nn.Module):
                 checkpoint, use_reentrant=False)
             return ckpt(run, hidden_states)
         return run(hidden_states)
+
+    def _dense(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The original layer (as in eval mode), checkpointed like the sparse path when that is on."""
+        self.original.train(self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
+                checkpoint, use_reentrant=False)
+            return ckpt(functools.partial(self.original, **kwargs), hidden_states, *args)
+        return self.original(hidden_states, *args, **kwargs)
 
     @torch.no_grad()
     def select(self, parts, hidden: torch.Tensor, position_embeddings) -> Selection:
@@ -122,11 +139,12 @@ class LeMoHandle:
 
     config: LeMoConfig
     originals: dict  # sparse layer index -> original layer
-    patched: list  # modules whose forward was replaced (MLPs, norms)
+    patched: list  # (module, its previous instance forward or None): MLPs and norms whose forward was replaced
     hook: object
     state: _ForwardState
     forward_patched: bool
     lora_a: set  # lora_A Linears whose forward was replaced (filled during forwards)
+    prior_forward: object = None  # the causal LM's instance forward before ours (e.g. Liger's FLCE forward)
 
 
 def _check_supported(cfg, config: LeMoConfig) -> None:
@@ -167,9 +185,9 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         channel_layers = range(len(layers)) if config.mlp_channel_all_layers else sparse
         for i in channel_layers:
             mlp = layers[i].mlp
+            patched.append((mlp, _instance_forward(mlp)))
             mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels,
                                             active_in_eval=config.active_in_eval)
-            patched.append(mlp)
 
     recompute = config.efficient_norm and config.lora_norm_recompute
     lora_a = set()  # PEFT lora_A Linears routed through lemo.lora_norm (PEFT may come after apply_lemo)
@@ -191,17 +209,30 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         in_layers = {id(m) for layer in layers for m in layer.modules()}  # the final norm feeds no adapter
         for module in decoder.modules():
             if is_rms_norm(module):
+                patched.append((module, _instance_forward(module)))
                 module.forward = functools.partial(rms_norm_forward, module,
                                                    tag_output=recompute and id(module) in in_layers)
-                patched.append(module)
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
     forward_patched = config.segment_loss_tokens > 0
-    if forward_patched:
-        lm.forward = functools.partial(_segmented_forward, lm, type(lm).forward.__get__(lm), config.segment_loss_tokens,
+    prior_forward = _instance_forward(lm)
+    if forward_patched:  # wraps the current forward (a Liger FLCE forward stays in charge outside training)
+        lm.forward = functools.partial(_segmented_forward, lm, lm.forward, config.segment_loss_tokens,
                                        config.loss_kernel, config.loss_tokens == "kept")
-    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a)
+    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a, prior_forward)
     return model
+
+
+def _instance_forward(module: nn.Module):
+    """A forward set on the instance by someone before us (Liger binds its kernels there), or None."""
+    return module.__dict__.get("forward")
+
+
+def _restore_forward(module: nn.Module, prior) -> None:
+    if prior is None:
+        del module.forward
+    else:
+        module.forward = prior
 
 
 def remove_lemo(model):
@@ -218,11 +249,13 @@ def remove_lemo(model):
         original.gradient_checkpointing = wrapper.gradient_checkpointing
         original.train(wrapper.training)
         layers[i] = original
-    for module in [*handle.patched, *handle.lora_a]:
+    for module, prior in handle.patched:
+        _restore_forward(module, prior)
+    for module in handle.lora_a:
         del module.forward
     handle.hook.remove()
     if handle.forward_patched:
-        del lm.forward
+        _restore_forward(lm, handle.prior_forward)
     lm._lemo = None
     return model
 

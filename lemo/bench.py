@@ -225,11 +225,13 @@ class JobRunner:
                         metrics["profile_error"] = str(err)[:200]
             return self.record(p, "ok", metrics=metrics, extra={"rope_factor": factor})
         except Exception as err:
+            # error_type tells a device OOM (torch.OutOfMemoryError) from a failed pinned host allocation
             if is_oom(err):
                 return self.record(p, "oom", "out of memory", metrics=_peak_metrics(self.device),
-                                   extra={"rope_factor": factor})
+                                   extra={"rope_factor": factor, "error_type": type(err).__name__})
             traceback.print_exc()
-            return self.record(p, "error", f"{type(err).__name__}: {str(err)[:300]}", extra={"rope_factor": factor})
+            return self.record(p, "error", f"{type(err).__name__}: {str(err)[:300]}",
+                               extra={"rope_factor": factor, "error_type": type(err).__name__})
         finally:
             try:
                 if model is not None:

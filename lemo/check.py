@@ -8,6 +8,10 @@ any such point found in the CSV. Each covered point must have an ok record of bo
 out-of-memory, errored or skipped point fails the check, except that a baseline out of memory where the
 method fits is a win, printed as one. A check that covers no point fails too: a silently empty check
 is no check.
+
+`baseline: strongest-lora` compares instead with the strongest LoRA-family row of the point (lowest
+value on any backend: lora, lora-liger, offloaded or not), taking `method` on its best backend: the
+targets table's ratio. Its points are (model, checkpointing, context, batch), any backend.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import pandas as pd
 import yaml
 
 from .config import check_types
-from .results import POINT_COLS, wide
+from .results import LORA_FAMILY, POINT_COLS, wide
 
 KEYS = ["model", "attention", "gradient_checkpointing", "context", "batch_size"]  # a point, without the method
 TOP_KEYS = {"checks", "sweep"}
+STRONGEST = "strongest-lora"
 
 
 @dataclass
@@ -135,6 +140,17 @@ def _outcome(rows: pd.DataFrame, metric: str) -> tuple[str, float | None, str]:
     return status, value, status + (f" ({reason})" if isinstance(reason, str) and reason and reason != status else "")
 
 
+def _best(rows: pd.DataFrame, metric: str) -> tuple[str, float | None, str]:
+    """The lowest ok value among rows (one per method x backend), or the first row's failure."""
+    ok = rows[(rows.status == "ok") & rows[metric].notna()] if metric in rows else rows.iloc[0:0]
+    if not ok.empty:
+        row = ok.loc[ok[metric].idxmin()]
+        return "ok", float(row[metric]), f"{row.method}/{row.attention}"
+    if rows.empty:
+        return "missing", None, "missing (no record)"
+    return _outcome(rows.iloc[:1], metric)
+
+
 def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[str]:
     """Failure lines (empty = all pass); prints one line per covered point. `expected`: the sweep's
     Points (lemo.sweep.expand), so that a point or a whole job absent from the CSV is noticed."""
@@ -142,20 +158,30 @@ def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[
     w = wide(frame).merge(reasons, on=POINT_COLS, how="left")
     failures = []
     for c in checks:
-        points = {tuple(r) for r in w.loc[w.method == c.method, KEYS].itertuples(index=False)}
-        points |= {(p.model, p.attention, p.gradient_checkpointing, p.context, p.batch_size)
-                   for p in expected or [] if p.method == c.method}
-        points = sorted(p for p in points if c.covers(*p[:4]))
+        keys = KEYS if c.baseline != STRONGEST else [k for k in KEYS if k != "attention"]
+        if c.baseline == STRONGEST and c.higher_is_better:
+            raise ValueError(f"{c.name}: {STRONGEST} compares lower-is-better metrics (memory, time) only")
+        found = w.loc[w.method == c.method, ["attention", *KEYS]].drop_duplicates()
+        found = {tuple(r) for r in found.itertuples(index=False)}
+        found |= {(p.attention, p.model, p.attention, p.gradient_checkpointing, p.context, p.batch_size)
+                  for p in expected or [] if p.method == c.method}
+        points = sorted({tuple(r[1 + KEYS.index(k)] for k in keys) for r in found if c.covers(*r[1:5])})
         if not points:
             failures.append(f"{c.name}: covers no point ({c.method} vs {c.baseline} on {c.metric}; "
                             "check its method and filters)")
             print("FAIL " + failures[-1])
             continue
         for key in points:
-            at = w[(w[KEYS] == pd.Series(key, index=KEYS)).all(axis=1)]
-            m_status, m_value, m_text = _outcome(at[at.method == c.method], c.metric)
-            b_status, b_value, b_text = _outcome(at[at.method == c.baseline], c.metric)
-            head = (f"{c.name}: {key[0]} {key[1]} gc={key[2]} ctx={key[3]} b={key[4]}: ")
+            at = w[(w[keys] == pd.Series(key, index=keys)).all(axis=1)]
+            if c.baseline == STRONGEST:
+                m_status, m_value, m_text = _best(at[at.method == c.method], c.metric)
+                b_status, b_value, b_text = _best(at[at.method_name.isin(LORA_FAMILY)], c.metric)
+            else:
+                m_status, m_value, m_text = _outcome(at[at.method == c.method], c.metric)
+                b_status, b_value, b_text = _outcome(at[at.method == c.baseline], c.metric)
+            at_key = dict(zip(keys, key))
+            head = (f"{c.name}: {at_key['model']} {at_key.get('attention', 'best backend')} "
+                    f"gc={at_key['gradient_checkpointing']} ctx={at_key['context']} b={at_key['batch_size']}: ")
             if m_status == "ok" and b_status == "ok":
                 ratio = m_value / b_value if c.higher_is_better else b_value / m_value
                 ok = (c.min is None or ratio >= c.min) and (c.max is None or ratio <= c.max)

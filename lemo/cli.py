@@ -110,6 +110,33 @@ def _targets(args) -> int:
     return _publish(args, targets_table(Path(args.results)))
 
 
+def _max_context(args) -> int:
+    from .maxctx import run_search, searches
+    from .sweep import load_sweep
+
+    sweep = load_sweep(args.sweep)
+    if args.search is None:  # list them
+        for s in searches(sweep):
+            print(s.id)
+        return 0
+    if args.out is None:
+        raise SystemExit("--out is needed to run a search")
+    run_search(sweep, args.search, Path(args.out))
+    return 0
+
+
+def _max_context_report(args) -> int:
+    from .maxctx_report import figure, summary, write_csv
+
+    files = [Path(d) / "result.json" for d in args.searches if (Path(d) / "result.json").exists()]
+    if not files:
+        print(f"no result.json under {args.searches}", file=sys.stderr)
+        return 1
+    frame = write_csv(files, Path(args.csv))
+    print(figure(frame, Path(args.figure)))
+    return _publish(args, summary(frame))
+
+
 def _info(args) -> int:
     import json
 
@@ -187,6 +214,20 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="targets")
     p.set_defaults(func=_targets)
+    p = sub.add_parser("max-context", help="longest context one training step fits, per method and memory cap "
+                                           "(doubling, then bisection; lemo.maxctx)")
+    p.add_argument("--sweep", required=True, help="a sweep with a max_context section (workflows/sweeps/h200-maxctx.yaml)")
+    p.add_argument("--search", default=None, help="MODEL__ATTENTION__gcN__METHOD__CAP; without it, list the searches")
+    p.add_argument("--out", default=None, help="directory for the probe records and result.json (resumes from it)")
+    p.set_defaults(func=_max_context)
+    p = sub.add_parser("max-context-report", help="search directories -> max_context.csv, table, bar figure")
+    p.add_argument("searches", nargs="+", help="directories written by `lemo max-context`")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--figure", required=True)
+    p.add_argument("--out", default=None, help="markdown table (default: stdout)")
+    p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
+    p.add_argument("--name", default="max-context")
+    p.set_defaults(func=_max_context_report)
     from .accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)

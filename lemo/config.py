@@ -143,6 +143,9 @@ class LeMoConfig:
     segment_loss_tokens: int = 4096
     # Eliminate in eval mode too (normally evaluation runs the dense model).
     active_in_eval: bool = False
+    # Sequences shorter than this run every sparse layer as the original dense layer (no scoring): below
+    # some length scoring and movement cost more than they save ("never slower than LoRA"). 0 = always sparse.
+    min_sparse_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.predictor_path, os.PathLike):
@@ -178,6 +181,9 @@ class LeMoConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.segment_loss_tokens < 0:
             raise ValueError(f"segment_loss_tokens must be >= 0 (0 disables), got {self.segment_loss_tokens}")
+        if isinstance(self.min_sparse_tokens, bool) or not isinstance(self.min_sparse_tokens, int) \
+                or self.min_sparse_tokens < 0:
+            raise ValueError(f"min_sparse_tokens must be an int >= 0 (0 = always sparse), got {self.min_sparse_tokens!r}")
         if self.sparse_layers is not None:
             self.sparse_layers = _layer_list(self.sparse_layers)
         self.threshold = _thresholds(self.threshold)

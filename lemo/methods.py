@@ -1,7 +1,9 @@
 """Methods the benchmarks compare, behind one signature: setup(model, options) -> model, and teardown.
 
-`lora` is PEFT LoRA; `lemo` is the same LoRA plus LeMo; `longlora` adds S2-Attn and trainable
-embeddings and norms. One benchmark loop drives them all.
+`lora` is PEFT LoRA; `lora-liger` adds Liger-Kernel (RoPE, RMSNorm, SwiGLU, fused linear
+cross-entropy); `lemo` is the same LoRA plus LeMo, optionally over Liger (`liger: true`, see
+lemo.apply for the order); `longlora` adds S2-Attn and trainable embeddings and norms. One benchmark
+loop drives them all, and every teardown leaves the shared model as it found it.
 """
 
 from __future__ import annotations
@@ -9,18 +11,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from baselines import longlora, lora
+from baselines import liger, longlora, lora
 
 from .apply import apply_lemo, remove_lemo
 from .config import LeMoConfig
 
 
-def _setup_lemo(model, options: dict):
+def liger_options(options: dict) -> liger.LigerOptions | None:
+    """The method's `liger` entry: true (every kernel), false/absent (none), or a dict of LigerOptions."""
+    value = options.get("liger", False)
+    if value is False or value is None:
+        return None
+    if value is True:
+        return liger.LigerOptions()
+    if isinstance(value, dict):
+        return liger.LigerOptions(**value)
+    raise ValueError(f"liger must be true, false or a dict of {list(liger.LigerOptions.__dataclass_fields__)}, "
+                     f"got {value!r}")
+
+
+def _setup_lora_liger(model, options: dict):
     model = lora.setup(model, options)
     try:
-        return apply_lemo(model, LeMoConfig.from_dict(options.get("lemo", {})))
+        return liger.apply_liger(model, liger_options({"liger": True, **options}))
     except Exception:
-        model.unload()  # a refused LeMo config must not leave LoRA in a model the caller reuses
+        model.unload()
+        raise
+
+
+def _teardown_lora_liger(model):
+    return liger.remove_liger(model).unload()
+
+
+def _setup_lemo(model, options: dict):
+    model = lora.setup(model, options)
+    kernels = liger_options(options)
+    try:
+        if kernels is not None:
+            liger.apply_liger(model, kernels)  # first: LeMo's own forwards go on top of Liger's
+        return apply_lemo(model, LeMoConfig.from_dict(options.get("lemo", {})))
+    except Exception:  # a refused config must not leave LoRA or Liger in a model the caller reuses
+        if liger.is_applied(model):
+            liger.remove_liger(model)
+        model.unload()
         raise
 
 
@@ -29,7 +62,19 @@ def _teardown_lora(model):
 
 
 def _teardown_lemo(model):
-    return remove_lemo(model).unload()
+    model = remove_lemo(model)
+    if liger.is_applied(model):
+        liger.remove_liger(model)
+    return model.unload()
+
+
+def _describe_liger(options: dict) -> str:
+    kernels = liger_options(options)
+    return "" if kernels is None else f" + Liger-Kernel {kernels}"
+
+
+def _describe_lora(options: dict) -> str:
+    return f"PEFT {lora.LoraOptions(**options.get('lora', {}))}"
 
 
 @dataclass(frozen=True)
@@ -40,12 +85,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(lora.setup, _teardown_lora, lambda o: f"PEFT {lora.LoraOptions(**o.get('lora', {}))}"),
+    "lora": Method(lora.setup, _teardown_lora, _describe_lora),
+    "lora-liger": Method(_setup_lora_liger, _teardown_lora_liger,
+                         lambda o: _describe_lora(o) + _describe_liger({"liger": True, **o})),
     "lemo": Method(_setup_lemo, _teardown_lemo,
-                   lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json()),
+                   lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json() + _describe_liger(o)),
     "longlora": Method(longlora.setup, longlora.teardown,
-                       lambda o: f"PEFT {lora.LoraOptions(**o.get('lora', {}))} + LongLoRA "
-                                 f"{longlora.LongLoraOptions(**o.get('longlora', {}))}"),
+                       lambda o: f"{_describe_lora(o)} + LongLoRA {longlora.LongLoraOptions(**o.get('longlora', {}))}"),
 }
 
 

@@ -92,6 +92,39 @@ def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_b
     return merged[keys + ["method", "base", "value", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)
 
 
+# Method names (lemo.methods) of the LoRA baselines, whatever their options (offload, backend, adapter dtype).
+LORA_FAMILY = ("lora", "lora-liger")
+
+
+def strongest_ratios(frame: pd.DataFrame, metric: str, family=LORA_FAMILY, same_run: bool = True) -> pd.DataFrame:
+    """Each non-baseline row against the strongest baseline of its point: the family row with the lowest
+    `metric` (memory or time: lower is better) on any backend, same commit when `same_run`.
+
+    Columns: the point, method, attention, value, base (the strongest's value), base_method,
+    base_attention, baselines (every family row of the point, "method/backend"), ratio = base / value,
+    and lora / lora_ratio: plain LoRA on the row's backend in the same run (NaN where not measured)."""
+    keys = ["model", "gradient_checkpointing", "context", "batch_size"] + (["git_commit"] if same_run else [])
+    cols = keys + ["method", "attention", "value", "base", "base_method", "base_attention", "baselines", "ratio",
+                   "lora", "lora_ratio"]
+    w = wide(frame)
+    w = w[w.status == "ok"]
+    if metric not in w:
+        return pd.DataFrame(columns=cols)
+    fam = w[w.method_name.isin(family) & w[metric].notna()]
+    ranked = fam.sort_values([metric, "method", "attention"])
+    best = ranked.groupby(keys, as_index=False).first()[keys + ["method", "attention", metric]]
+    best = best.rename(columns={"method": "base_method", "attention": "base_attention", metric: "base"})
+    names = ranked.assign(name=ranked.method + "/" + ranked.attention).groupby(keys).name
+    best = best.merge(names.agg(lambda n: ", ".join(sorted(n))).rename("baselines").reset_index(), on=keys)
+    other = w[~w.method_name.isin(family) & w[metric].notna()][keys + ["method", "attention", metric]]
+    merged = other.rename(columns={metric: "value"}).merge(best, on=keys)
+    merged["ratio"] = merged.base / merged.value
+    plain = w[w.method == "lora"][keys + ["attention", metric]].rename(columns={metric: "lora"})
+    merged = merged.merge(plain, on=keys + ["attention"], how="left")
+    merged["lora_ratio"] = merged.lora / merged.value
+    return merged[cols].sort_values(keys + ["method", "attention"]).reset_index(drop=True)
+
+
 def write_rows(path, rows: list[dict]) -> None:
     """Rows of a microbenchmark as CSV; the header is the union of their keys in first-seen order (a
     failed row carries fewer columns than a measured one)."""

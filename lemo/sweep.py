@@ -3,7 +3,9 @@
 A sweep names its methods (label -> method + options) and lists groups; each group is a product of
 models x attention backends x contexts x methods at one checkpointing setting. All points sharing
 (model, attention backend, checkpointing) form one job: one process and one model build, every
-method measured side by side on the same machine and model instance.
+method measured side by side on the same machine and model instance. A group with `one_process: true`
+puts all its backends in one job instead (job id MODEL__A+B__gcN): the model switches backend per
+point, so methods on different backends share the process too (e.g. LoRA on cuDNN beside LeMo on flash).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from .models.registry import REGISTRY
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
 TOP_KEYS = {"name", "lora", "methods", "groups", "kernel_benchmarks", *DEFAULTS}
 GROUP_KEYS = {"models", "attention", "gradient_checkpointing", "contexts", "methods"}  # required
-GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes"}
+GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "one_process"}
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
 # checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading).
-METHOD_KEYS = {"method", "lora", "lemo", "longlora", "offload_activations"}
-OPTION_KEYS = {"lora": {"lora"}, "lemo": {"lora", "lemo"}, "longlora": {"lora", "longlora"}}  # per method
+# `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of baselines.liger.LigerOptions).
+METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
+OPTION_KEYS = {"lora": {"lora"}, "lemo": {"lora", "lemo", "liger"}, "longlora": {"lora", "longlora"},
+               "lora-liger": {"lora", "liger"}}  # per method
 
 
 def _int(lo: int):
@@ -35,7 +39,7 @@ def _int(lo: int):
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 # Settings: (accepts, what is allowed). steps: 0 would leave nothing to take the median of.
 SETTINGS = {"batch_size": _int(1), "warmup": _int(0), "steps": _int(1), "seed": _int(0), "profile": _BOOL,
-            "saved_bytes": _BOOL, "gradient_checkpointing": _BOOL,
+            "saved_bytes": _BOOL, "gradient_checkpointing": _BOOL, "one_process": _BOOL,
             "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
             "dtype": (lambda v: v in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32"),
             "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string")}
@@ -58,6 +62,11 @@ class Point:
     seed: int = 0
     profile: bool = False
     saved_bytes: bool = True
+    job_attention: str = ""  # "a+b" when a one_process group measures several backends in one job
+
+    @property
+    def job_key(self) -> tuple:
+        return (self.model, self.job_attention or self.attention, self.gradient_checkpointing)
 
     @property
     def offload_activations(self) -> bool:
@@ -124,7 +133,14 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
     if not isinstance(spec.get("offload_activations", False), bool):
         raise ValueError(f"{where}: offload_activations must be true or false")
     kinds = {"lora": LoraOptions, "lemo": LeMoConfig, "longlora": LongLoraOptions}
-    for key in sorted(allowed):
+    if "liger" in spec:
+        from .methods import liger_options
+
+        try:
+            liger_options(spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
+    for key in sorted(allowed - {"liger"}):
         data = spec.get(key, (default_lora or {}) if key == "lora" else {})
         if not isinstance(data, dict):
             raise ValueError(f"{where}: {key} options must be a mapping, got {data!r}")
@@ -178,6 +194,8 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
         for label in group["methods"]:
             if not isinstance(label, str) or label not in methods:
                 raise ValueError(f"{at}: method {label!r} is not defined under methods: {list(methods)}")
+        if not isinstance(group.get("one_process", False), bool):
+            raise ValueError(f"{at}: one_process must be true or false")
         for c in group["contexts"]:
             if not isinstance(c, int) or isinstance(c, bool) or c < 2:
                 raise ValueError(f"{at}: context {c!r} must be an integer >= 2 (tokens; a next-token loss needs 2)")
@@ -192,6 +210,8 @@ def expand(sweep: dict) -> list[Point]:
     points, seen = [], set()
     for group in sweep["groups"]:
         overrides = {k: group[k] for k in ("warmup", "steps", "batch_size", "profile", "saved_bytes") if k in group}
+        if group.get("one_process") and len(group["attention"]) > 1:
+            overrides["job_attention"] = "+".join(group["attention"])
         for model in group["models"]:
             for attention in group["attention"]:
                 for context in sorted(int(c) for c in group["contexts"]):
@@ -212,11 +232,11 @@ def expand(sweep: dict) -> list[Point]:
 
 
 def jobs(sweep: dict) -> list[Job]:
-    """Points grouped by (model, attention, checkpointing), ordered by context, then method."""
+    """Points grouped by (model, attention, checkpointing), ordered by context, then method (one_process
+    groups: by their backends together)."""
     by_key: dict[tuple, Job] = {}
     for p in sorted(expand(sweep), key=lambda p: p.context):
-        key = (p.model, p.attention, p.gradient_checkpointing)
-        by_key.setdefault(key, Job(*key, points=[])).points.append(p)
+        by_key.setdefault(p.job_key, Job(*p.job_key, points=[])).points.append(p)
     return list(by_key.values())
 
 

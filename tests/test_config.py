@@ -25,6 +25,8 @@ def test_json_round_trip_keeps_every_field():
     (dict(mlp_keep_channels=0), "mlp_keep_channels"),
     (dict(kernels="cuda"), "kernels"),
     (dict(segment_loss_tokens=-1), "segment_loss_tokens"),
+    (dict(min_sparse_tokens=-1), "min_sparse_tokens"),
+    (dict(min_sparse_tokens=8.5), "min_sparse_tokens"),
 ])
 def test_bad_values_fail_naming_the_field(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -226,3 +226,24 @@ def test_a_cuda_sweep_on_a_machine_without_cuda_records_its_points_as_skipped(tm
     assert main(["measure", "--sweep", str(path), "--job", "llama2-tiny__sdpa-flash__gc0", "--out", str(tmp_path / "r")]) == 0
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert len(recs) == 4 and all(r["status"] == "skipped" and "no CUDA device" in r["reason"] for r in recs)
+
+
+def test_one_process_group_measures_several_backends_in_one_job(tmp_path, monkeypatch):
+    sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
+    sweep["groups"][0].update(attention=["sdpa-math", "eager"], contexts=[128], one_process=True)
+    (job,) = jobs(sweep)
+    assert job.id == "llama2-tiny__sdpa-math+eager__gc0"
+    assert [(p.attention, p.method) for p in job.points] == [("sdpa-math", "lora"), ("sdpa-math", "lemo-token"),
+                                                             ("eager", "lora"), ("eager", "lemo-token")]
+    built = []
+    real_build = bench.build_model
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: built.append(k) or real_build(*a, **k))
+    bench.JobRunner(job, tmp_path, log=lambda *_: None).run()
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert len(built) == 1 and sorted(recs) == sorted(f"{a}__{m}__128__b1.json" for a in ("sdpa-math", "eager")
+                                                      for m in ("lora", "lemo-token"))
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert recs["eager__lora__128__b1.json"]["attention_label"].startswith("transformers eager")
+    sweep["groups"][0]["one_process"] = "yes"
+    with pytest.raises(ValueError, match="one_process must be true or false"):
+        validate_sweep(sweep)

@@ -1,0 +1,127 @@
+"""Max-context search: exact results with a fake step, and the harness plumbing on CPU with a simulated OOM."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import lemo.bench as bench
+from lemo.cli import main
+from lemo.maxctx import Probe, find_search, run_search, search_max_context, searches
+from lemo.maxctx_report import results_frame, table
+
+K = 1024
+
+
+def fake_step(fits_up_to: int, seconds_per_token: float = 0.0, status: str = "oom"):
+    calls = []
+
+    def probe(ctx):
+        calls.append(ctx)
+        if ctx > fits_up_to:
+            return Probe(ctx, status)
+        return Probe(ctx, "ok", step_s=ctx * seconds_per_token, peak_gib=ctx / K)
+
+    return probe, calls
+
+
+def test_doubling_then_bisection_finds_the_largest_fitting_multiple_of_the_granularity():
+    probe, calls = fake_step(200_000)
+    r = search_max_context(probe, start=8 * K, limit=1024 * K, granularity=8 * K)
+    assert r.max_context == 192 * K and r.bound == "memory"  # 196608 <= 200000 < 204800
+    assert r.best.context == 192 * K and r.best.peak_gib == 192
+    assert calls == [8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K,  # doubling up to the first OOM
+                     192 * K, 224 * K, 208 * K, 200 * K]  # bisection between 128K and 256K
+
+
+def test_exact_power_of_two_and_failure_at_start():
+    probe, _ = fake_step(64 * K)
+    assert search_max_context(probe, 8 * K, 1024 * K).max_context == 64 * K
+    probe, calls = fake_step(4 * K)
+    r = search_max_context(probe, 8 * K, 1024 * K)
+    assert (r.max_context, r.bound, r.best, calls) == (0, "memory", None, [8 * K])
+
+
+def test_a_slow_step_stops_the_search_upward():
+    probe, calls = fake_step(10**9, seconds_per_token=1e-3)  # 262 s at 256K, 524 s at 512K
+    r = search_max_context(probe, 8 * K, 4096 * K, time_bound_s=300)
+    assert (r.max_context, r.bound, calls[-1]) == (512 * K, "time", 512 * K)
+    # during bisection too: fits up to 300K, slower than the bound from 280K
+    probe, calls = fake_step(300 * K, seconds_per_token=300 / (280 * K) * 1.0001)
+    r = search_max_context(probe, 8 * K, 4096 * K, time_bound_s=300)
+    assert (r.max_context, r.bound) == (288 * K, "time") and r.best.step_s > 300
+    assert calls[6:] == [512 * K, 384 * K, 320 * K, 288 * K]
+
+
+def test_limit_and_host_ram_bounds():
+    probe, _ = fake_step(10**9)
+    r = search_max_context(probe, 8 * K, 100 * K)
+    assert (r.max_context, r.bound) == (100 * K, "limit")
+    probe, _ = fake_step(40 * K, status="host-oom")
+    r = search_max_context(probe, 8 * K, 1024 * K)
+    assert (r.max_context, r.bound) == (40 * K, "host-ram")
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple of granularity"):
+        search_max_context(lambda c: Probe(c, "ok"), 1000, 8192, granularity=8192)
+
+
+SWEEP = {
+    "name": "t", "device": "cpu", "dtype": "float32", "warmup": 0, "steps": 1,
+    "lora": {"r": 8, "alpha": 16, "targets": "qkvo", "adapter_dtype": "model"},
+    "methods": {"lora": {"method": "lora"}},
+    "max_context": {"start": 64, "limit": 1024, "granularity": 64, "caps_gib": [None]},
+    "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-math"], "gradient_checkpointing": True,
+                "contexts": [64], "methods": ["lora"]}],
+}
+
+
+def test_search_on_the_harness_records_every_probe_and_resumes(tmp_path, monkeypatch):
+    real, ran = bench.time_steps, []
+
+    def oom_above_300(model, batch, optimizer, warmup, steps, **kw):
+        ran.append(batch["input_ids"].shape[1])
+        if batch["input_ids"].shape[1] > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, optimizer, warmup, steps, **kw)
+
+    monkeypatch.setattr(bench, "time_steps", oom_above_300)
+    (s,) = searches(SWEEP)
+    assert s.id == "llama2-tiny__sdpa-math__gc1__lora__full" and find_search(SWEEP, s.id) is not None
+    out = run_search(SWEEP, s.id, tmp_path, log=lambda *_: None)
+    assert (out["max_context"], out["bound"]) == (256, "memory") and out["step_s"] > 0
+    assert ran == [64, 128, 256, 512, 384, 320]
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("sdpa-math__*.json")}
+    assert len(recs) == 6 and recs["sdpa-math__lora__512__b1.json"]["status"] == "oom"
+    # run again: every probe is read back, none measured
+    ran.clear()
+    assert run_search(SWEEP, s.id, tmp_path, log=lambda *_: None)["max_context"] == 256 and ran == []
+    # a probe the process died in (still "started") ends the search there
+    rec = recs["sdpa-math__lora__256__b1.json"]
+    (tmp_path / "sdpa-math__lora__256__b1.json").write_text(json.dumps({**rec, "status": "started", "metrics": {}}))
+    assert run_search(SWEEP, s.id, tmp_path, log=lambda *_: None)["bound"] == "killed"
+
+
+def test_report_csv_table_and_figure(tmp_path):
+    def result(method, cap, ctx, bound):
+        d = tmp_path / f"{method}-{cap}"
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({
+            "model": "llama2-7b", "method": method, "attention": "sdpa-cudnn", "gradient_checkpointing": True,
+            "cap_gib": cap, "max_context": ctx, "step_s": 1.0, "peak_gib": 70.0, "bound": bound,
+            "device_total_gib": 139.8, "probes": [{}], "options": {}, "provenance": {"gpu": "H", "git_commit": "abc"}}))
+        return d
+
+    dirs = [result("lora", 80, 64 * K, "memory"), result("lora-liger", 80, 128 * K, "memory"),
+            result("lemo-channel", 80, 320 * K, "time"), result("lora", None, 96 * K, "memory")]
+    assert main(["max-context-report", *map(str, dirs), "--csv", str(tmp_path / "m.csv"),
+                 "--figure", str(tmp_path / "m.png"), "--out", str(tmp_path / "m.md")]) == 0
+    frame = pd.read_csv(tmp_path / "m.csv")
+    assert {"method", "model", "cap_gib", "max_context", "step_s", "peak_gib", "bound", "git_commit"} <= set(frame)
+    text = (tmp_path / "m.md").read_text()
+    assert "| llama2-7b | 80 GiB | lemo-channel | sdpa-cudnn | True | 320K | 1.0 | 70.0 | time | 2.50x |" in text
+    assert "| llama2-7b | full GPU | lora |" in text and (tmp_path / "m.png").stat().st_size > 0
+    assert table(results_frame([d / "result.json" for d in dirs])).count("\n") == 5

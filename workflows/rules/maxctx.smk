@@ -1,0 +1,39 @@
+# Max-context searches (sweeps with a `max_context` section, e.g. workflows/sweeps/h200-maxctx.yaml):
+# one process per search (its memory cap is per process); a search directory keeps its probe records,
+# so a search cut off by a time limit resumes where it stopped when run again.
+from pathlib import Path
+
+from lemo.maxctx import searches
+
+SEARCHES = {s.id: s for s in searches(SWEEP)} if "max_context" in SWEEP else {}
+
+
+rule max_context_search:
+    input:
+        lambda w: sorted({p for p in [SEARCHES[w.search].point.options.get("lemo", {}).get("predictor_path")] if p}),
+    output:
+        "results/{name}/maxctx/{search}/result.json",
+    log:
+        "results/{name}/logs/maxctx/{search}.log",
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        "{PY} -m lemo max-context --sweep {SWEEP_FILE} --search {wildcards.search} "
+        "--out results/{wildcards.name}/maxctx/{wildcards.search} > {log} 2>&1"
+
+
+rule max_context_report:
+    input:
+        expand("results/{{name}}/maxctx/{search}/result.json", search=sorted(SEARCHES)),
+    output:
+        csv="results/{name}/max_context.csv",
+        table="results/{name}/max_context.md",
+        figure="figures/{name}/max_context.png",
+    log:
+        "results/{name}/logs/max_context_report.log",
+    params:
+        dirs=lambda w, input: " ".join(str(Path(f).parent) for f in input),
+    shell:
+        "{PY} -m lemo max-context-report {params.dirs} --csv {output.csv} --figure {output.figure} "
+        "--out {output.table} > {log} 2>&1"
