@@ -6,16 +6,21 @@
 #
 # The sweep file (workflows/sweeps/*.yaml) defines models, methods, backends and contexts; without
 # config `sweep=...` the cpu sweep runs on machines without a GPU and the h200 sweep on a GPU.
+# Multi-GPU points (workflows/sweeps/h200-multigpu.yaml) run one torchrun per point; on a Slurm cluster:
+#   snakemake --workflow-profile workflows/profiles/slurm
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"
 include: "workflows/rules/accuracy.smk"
+include: "workflows/rules/distributed.smk"
 
 
 rule all:
     input:
+        # a multi-GPU sweep (kind: distributed): its points and their report only
+        [f"results/{NAME}/dist.csv", f"results/{NAME}/dist_summary.md"] if DISTRIBUTED else [
         f"results/{NAME}/sweep.csv",
         f"results/{NAME}/summary.md",
         expand("figures/{name}/{model}.png", name=NAME, model=MODELS),
         f"results/accuracy/{ACCURACY}/summary.md",
-        [f"results/{NAME}/kernels/summary.md"] if KERNELS else [],
+        [f"results/{NAME}/kernels/summary.md"] if KERNELS else []],

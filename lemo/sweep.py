@@ -124,6 +124,9 @@ def expand(sweep: dict) -> list[Point]:
 
 def jobs(sweep: dict) -> list[Job]:
     """Points grouped by (model, attention, checkpointing), ordered by context, then method."""
+    if sweep.get("kind") == "distributed":  # its points carry a parallelism and world size: lemo.distributed
+        raise ValueError(f"sweep {sweep.get('name')!r} is a multi-GPU sweep: run it with `lemo dist-bench` "
+                         "(Snakemake does, one torchrun per point)")
     by_key: dict[tuple, Job] = {}
     for p in sorted(expand(sweep), key=lambda p: p.context):
         key = (p.model, p.attention, p.gradient_checkpointing)
