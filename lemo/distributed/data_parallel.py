@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.adapters import get_adapter, unwrap
+from .channel import rank_channels_globally
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -38,24 +39,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_adapter(lm.config.model_type).decoder(lm).layers
 
 
-def wrap_ddp(model: nn.Module, device: torch.device | None = None, **kwargs) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device | None = None, global_channels: bool = True,
+             **kwargs) -> nn.Module:
     """DistributedDataParallel; DDP broadcasts rank 0's parameters at construction and averages
     gradients, so the loss must be a per-rank mean over equally many labelled tokens for the result to
-    equal one process on the concatenated batch."""
+    equal one process on the concatenated batch. `global_channels`: channel-mode MLPs rank channels over
+    every rank's tokens, as one process on the whole batch would (lemo.distributed.channel)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if global_channels:
+        rank_channels_globally(model)
     ids = [device] if device is not None and device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, **kwargs)
 
 
-def shard_fsdp2(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+def shard_fsdp2(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
+                global_channels: bool = True) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head).
 
     Frozen base weights are sharded like the adapters; FSDP2 reduce-scatters gradients only for
     parameters that require them, so frozen weights cost their shard and nothing else. Gradients and
-    parameters are DTensors afterwards (`.full_tensor()` to gather one)."""
+    parameters are DTensors afterwards (`.full_tensor()` to gather one). LeMo's kernels read weights
+    directly (fused norm loads, channel MLP, segmented loss) only inside the forward of the module that
+    owns them or in autograd backward after FSDP2's pre-backward unshard; sharding below the decoder
+    layer (e.g. a norm alone) would hand them sharded DTensors, so shard per layer or coarser."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if global_channels:
+        rank_channels_globally(model, mesh.get_group() if mesh is not None else None)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
               "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for layer in decoder_layers(model):

@@ -29,12 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from ..apply import LeMoLayer
 from ..elimination import attend_kept, gather_positions
 from ..kernels.rows import scatter_add_rows
-from ..mlp import channel_pruned_forward
 from ..models.adapters import get_adapter, unwrap
 from ..rope import apply_rope
 from ..segment_loss import IGNORE_INDEX, SegmentedCrossEntropy, shift_labels
 from ..selection import Selection, select_blocks, tokens_from_blocks
 from . import sp_scoring
+from .channel import rank_channels_globally
 from .ulysses import heads_to_seq, seq_to_heads
 
 
@@ -162,18 +162,8 @@ def apply_sequence_parallel(model, group=None):
             layer.dense = True
         layer.__class__ = SequenceParallelLayer  # same children, names and state; only forward/select change
         layer.group = group
-    # Channel-mode MLPs rank channels by norms over all tokens of the sequence: sum squares over ranks.
-    for module in handle.patched:
-        forward = getattr(module, "forward", None)
-        if isinstance(forward, functools.partial) and forward.func is channel_pruned_forward:
-            module.forward = functools.partial(channel_pruned_forward, module, cfg.mlp_keep_channels,
-                                               reduce=functools.partial(_all_reduce, group=group))
+    rank_channels_globally(model, group)  # channel-mode MLPs rank over the whole sequence
     return model
-
-
-def _all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def shard_sequence(input_ids: torch.Tensor, labels: torch.Tensor | None = None, group=None) -> dict:
