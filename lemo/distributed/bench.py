@@ -68,14 +68,14 @@ def _step(p: DistPoint, model, batch: dict, optimizer) -> float:
         loss = sequence_parallel_loss(model, batch, segment=4096)
         loss.backward()
         sync_gradients(model)
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)  # the shares sum to the sequence's loss
     else:
         loss = model(**batch).loss
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)  # sp: the shares sum to the sequence's loss; dp: the mean over ranks' batches
+    return float(loss) / (1 if p.parallelism == "sp" else dist.get_world_size())
 
 
 def _sync(device):
