@@ -70,24 +70,24 @@ def test_sequence_parallel_equals_one_process(name, mlp_mode, checkpointing):
 
 def _scores_worker(rank, world):
     """The split over query blocks gives the exact scores; a split over heads would not."""
-    model = tiny_lora_model("llama3-tiny")
-    layer = model.base_model.model.model.layers[1]
     from lemo.models.adapters import get_adapter
 
-    parts = get_adapter("llama").parts(layer)
-    hidden = torch.randn(1, LENGTH, 64, generator=torch.Generator().manual_seed(5))
-    pos = torch.arange(LENGTH)[None]
-    pe = model.base_model.model.model.rotary_emb(hidden, pos)
-    _, full = block_scores_torch(*project_qk(parts, hidden, pe), block_size=BLOCK, scale=parts.scaling,
-                                 return_map=False)
-    part = slice(rank * LENGTH // world, (rank + 1) * LENGTH // world)
+    length = 384  # 3 ranks x 8 blocks: rank 2 scores against two earlier slices
+    model = tiny_lora_model("llama3-tiny")
+    decoder = model.base_model.model.model
+    parts = get_adapter("llama").parts(decoder.layers[1])
+    hidden = torch.randn(1, length, 64, generator=torch.Generator().manual_seed(5))
+    pe = decoder.rotary_emb(hidden, torch.arange(length)[None])
+    q, k = project_qk(parts, hidden, pe)
+    _, full = block_scores_torch(q, k, block_size=BLOCK, scale=parts.scaling, return_map=False)
+    part = slice(rank * length // world, (rank + 1) * length // world)
     got = sp_scoring.sequence_block_scores(parts, hidden[:, part], (pe[0][:, part], pe[1][:, part]), BLOCK)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
-    q, k = project_qk(parts, hidden, pe)  # per-head-group scores, summed: an upper bound, not equal
+    # per-head-group scores (2 query heads + 1 KV head each), summed: an upper bound, not the scores
     by_heads = sum(block_scores_torch(q[:, 2 * g:2 * g + 2], k[:, g:g + 1], block_size=BLOCK, scale=parts.scaling,
                                       return_map=False)[1] * 2 / 4 for g in range(2))
     assert (by_heads >= full - 1e-6).all() and not torch.allclose(by_heads, full, rtol=1e-3)
 
 
 def test_sequence_block_scores_equal_one_process():
-    spawn(_scores_worker)
+    spawn(_scores_worker, world=3)
