@@ -91,3 +91,44 @@ def _scores_worker(rank, world):
 
 def test_sequence_block_scores_equal_one_process():
     spawn(_scores_worker, world=3)
+
+
+def _layer_worker(rank, world, kept_blocks):
+    """One sparse layer with a given selection, uneven over the ranks (even none on a rank): output,
+    input gradient and LoRA gradients equal lemo.elimination.sparse_layer in one process."""
+    from lemo.distributed.sequence import local_selection, sequence_parallel_layer
+    from lemo.elimination import sparse_layer
+    from lemo.models.adapters import get_adapter
+    from lemo.selection import tokens_from_blocks
+
+    model = tiny_lora_model("llama3-tiny")
+    decoder = model.base_model.model.model
+    parts = get_adapter("llama").parts(decoder.layers[1])
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(1, LENGTH, 64, generator=gen)
+    weight = torch.randn(1, LENGTH, 64, generator=gen)
+    pe = decoder.rotary_emb(hidden, torch.arange(LENGTH)[None])
+    kept = torch.zeros(1, LENGTH // BLOCK, dtype=torch.bool)
+    kept[0, kept_blocks] = True
+
+    ref_in = hidden.clone().requires_grad_(True)
+    sel = tokens_from_blocks(kept, torch.zeros(1, LENGTH, dtype=torch.int32), BLOCK)
+    ref = sparse_layer(parts, ref_in, sel, pe, mlp_mode="token")
+    (ref * weight).sum().backward()
+    ref_grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    part = slice(rank * LENGTH // world, (rank + 1) * LENGTH // world)
+    local_in = hidden[:, part].clone().requires_grad_(True)
+    sp_sel = local_selection(kept, rank, world, BLOCK)
+    out = sequence_parallel_layer(parts, local_in, sp_sel, (pe[0][:, part], pe[1][:, part]), mlp_mode="token")
+    (out * weight[:, part]).sum().backward()
+    sync_gradients(model)
+    torch.testing.assert_close(out, ref[:, part].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(local_in.grad, ref_in.grad[:, part], rtol=1e-5, atol=1e-6)
+    assert_grads_close(lora_grads(model), ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kept_blocks", [[0, 2, 3], [1, 6, 8, 9, 10, 15]], ids=["rank1-keeps-nothing", "uneven"])
+def test_sequence_parallel_layer_equals_sparse_layer(kept_blocks):
+    spawn(_layer_worker, kept_blocks)
