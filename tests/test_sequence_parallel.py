@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lemo import LeMoConfig, apply_lemo, lemo_state
+from lemo import LeMoConfig, apply_lemo, lemo_state, remove_lemo
+from lemo.apply import LeMoLayer
 from lemo.distributed import sp_scoring
 from lemo.distributed.data_parallel import enable_checkpointing
-from lemo.distributed.sequence import apply_sequence_parallel, sequence_parallel_loss, shard_sequence, sync_gradients
+from lemo.distributed.sequence import (SequenceParallelLayer, apply_sequence_parallel, sequence_parallel_loss,
+                                      shard_sequence, sync_gradients)
 from lemo.kernels.block_scores import block_scores_torch
 from lemo.scoring import project_qk
 from tests.distributed import spawn
@@ -58,6 +60,12 @@ def _sp_worker(rank, world, name, mlp_mode, checkpointing):
         assert torch.equal(s.kept_blocks, ref_kept[i]), f"layer {i}: kept blocks differ from one process"
         assert 0 < int(s.kept_blocks.sum()) < s.kept_blocks.numel()
     assert_grads_close(lora_grads(model), lora_grads(ref), rtol=1e-4, atol=1e-6)
+
+    layers = model.base_model.model.model.layers  # remove_lemo undoes the dense layers' wrapping too
+    assert all(isinstance(layer, SequenceParallelLayer) for layer in layers)
+    remove_lemo(model)
+    assert not any(isinstance(layer, LeMoLayer) for layer in layers)
+    assert all("forward" not in vars(layer.mlp) for layer in layers)
 
 
 @pytest.mark.parametrize("name,mlp_mode,checkpointing", [
