@@ -6,11 +6,14 @@
 #
 # The sweep file (workflows/sweeps/*.yaml) defines models, methods, backends and contexts; without
 # config `sweep=...` the cpu sweep runs on machines without a GPU and the h200 sweep on a GPU.
+# Multi-GPU points (workflows/sweeps/h200-multigpu.yaml) run one torchrun per point; on a Slurm cluster:
+#   snakemake --workflow-profile workflows/profiles/slurm
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"
 include: "workflows/rules/accuracy.smk"
 include: "workflows/rules/maxctx.smk"
+include: "workflows/rules/distributed.smk"
 
 
 # A max-context sweep (a `max_context` section) makes its table and figure instead of the step sweep.
@@ -23,5 +26,8 @@ MAXCTX_OUTPUTS = [f"results/{NAME}/max_context.csv", f"results/{NAME}/max_contex
 
 rule all:
     input:
+        # a multi-GPU sweep (kind: distributed): its points and their report only; a max-context sweep (a
+        # `max_context` section): its table and figure; else the step sweep
+        [f"results/{NAME}/dist.csv", f"results/{NAME}/dist_summary.md"] if DISTRIBUTED else
         MAXCTX_OUTPUTS if SEARCHES else STEP_OUTPUTS,
-        [f"results/{NAME}/kernels/summary.md"] if KERNELS else [],
+        [f"results/{NAME}/kernels/summary.md"] if KERNELS and not DISTRIBUTED else [],

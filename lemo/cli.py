@@ -231,6 +231,9 @@ def main(argv=None) -> int:
     from .accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)
+    from .distributed.cli import register as register_distributed
+
+    register_distributed(sub)
     p = sub.add_parser("info", help="machine, versions and attention backends available here")
     p.set_defaults(func=_info)
     p = sub.add_parser("train-predictors", help="train per-layer block predictors against the oracle (lemo.predictors)")

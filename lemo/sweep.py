@@ -234,6 +234,9 @@ def expand(sweep: dict) -> list[Point]:
 def jobs(sweep: dict) -> list[Job]:
     """Points grouped by (model, attention, checkpointing), ordered by context, then method (one_process
     groups: by their backends together)."""
+    if sweep.get("kind") == "distributed":  # its points carry a parallelism and world size: lemo.distributed
+        raise ValueError(f"sweep {sweep.get('name')!r} is a multi-GPU sweep: run it with `lemo dist-bench` "
+                         "(Snakemake does, one torchrun per point)")
     by_key: dict[tuple, Job] = {}
     for p in sorted(expand(sweep), key=lambda p: p.context):
         by_key.setdefault(p.job_key, Job(*p.job_key, points=[])).points.append(p)

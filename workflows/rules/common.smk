@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from lemo.accuracy.experiment import load_experiment
+from lemo.distributed.points import is_distributed
 from lemo.sweep import jobs, load_sweep
 
 wildcard_constraints:
@@ -38,7 +39,9 @@ wildcard_constraints:
     name=re.escape(NAME),
 
 
-JOBS = {job.id: job for job in jobs(SWEEP)}
+# A `kind: distributed` sweep (multi-GPU points, workflows/rules/distributed.smk) has no single-GPU jobs.
+DISTRIBUTED = is_distributed(SWEEP)
+JOBS = {} if DISTRIBUTED else {job.id: job for job in jobs(SWEEP)}
 MODELS = sorted({job.model for job in JOBS.values()})
 
 # Accuracy experiment (workflows/accuracy/NAME.yaml): the 17M-parameter model on a GPU, a tiny one on CPU.
