@@ -11,7 +11,10 @@
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"
-include: "workflows/rules/accuracy.smk"
+if ACC_PRETRAINED:  # a real pretrained model: fidelity screen, seeded extension runs, frontier
+    include: "workflows/rules/quality.smk"
+else:  # a small model pretrained here
+    include: "workflows/rules/accuracy.smk"
 include: "workflows/rules/maxctx.smk"
 include: "workflows/rules/distributed.smk"
 

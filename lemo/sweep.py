@@ -21,7 +21,9 @@ from .methods import METHODS
 from .models.registry import REGISTRY
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
-TOP_KEYS = {"name", "lora", "methods", "groups", "kernel_benchmarks", *DEFAULTS}
+# kind: distributed = multi-GPU points (lemo.distributed); max_context: a max-context search (lemo.maxctx)
+TOP_KEYS = {"name", "lora", "methods", "groups", "kernel_benchmarks", "kind", "max_context", *DEFAULTS}
+DISTRIBUTED_GROUP_KEYS = {"parallelism", "gpus"}
 GROUP_KEYS = {"models", "attention", "gradient_checkpointing", "contexts", "methods"}  # required
 GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "one_process"}
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
@@ -158,6 +160,9 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
     if not isinstance(sweep, dict):
         raise ValueError(f"{where}: expected a mapping of sweep settings, got {type(sweep).__name__}")
     _unknown(where, sweep, TOP_KEYS)
+    distributed = sweep.get("kind") == "distributed"
+    if sweep.get("kind", "distributed") != "distributed":
+        raise ValueError(f"{where}: kind must be 'distributed' (multi-GPU points) or absent, got {sweep['kind']!r}")
     for key in ("name", *DEFAULTS):
         if key in sweep or key == "name":
             _setting(where, key, sweep.get(key))
@@ -175,7 +180,7 @@ def validate_sweep(sweep: dict, where: str = "sweep") -> None:
         at = f"{where}: group {i}"
         if not isinstance(group, dict):
             raise ValueError(f"{at}: expected a mapping, got {group!r}")
-        _unknown(at, group, GROUP_KEYS | GROUP_OPTIONAL)
+        _unknown(at, group, GROUP_KEYS | GROUP_OPTIONAL | (DISTRIBUTED_GROUP_KEYS if distributed else set()))
         missing = GROUP_KEYS - set(group)
         if missing:
             raise ValueError(f"{at}: missing keys {sorted(missing)}")

@@ -19,7 +19,7 @@ from .report import BUDGETS, TARGETS, largest_memory_view, target_points
 from .results import wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
-SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k"]
+SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k", "h200-frontier"]
 # Baseline values of one setup differ this much between runs at most (noise); a run whose strongest
 # LoRA-family value is further above another run's lacks that stronger baseline.
 RUN_TO_RUN = 0.05
@@ -86,7 +86,7 @@ def budget_target(results: Path) -> Row:
 
 
 def perplexity_target(accuracy_csv: Path, goal_pct: float = 2.0) -> Row:
-    label = "perplexity after context extension vs dense LoRA (own pretrained model)"
+    label = "perplexity after context extension vs dense LoRA (17M toy model pretrained here)"
     goal = f"within +{goal_pct:.0f}%"
     if not accuracy_csv.exists():
         return Row(label, goal, "", _mark(None), "")
@@ -100,6 +100,45 @@ def perplexity_target(accuracy_csv: Path, goal_pct: float = 2.0) -> Row:
     text = ", ".join(f"{m} {rel[m]:+.1f}%" for m in defaults)
     text += f" at {extended} tokens; best ablation {best} {rel[best]:+.1f}%"
     return Row(label, goal, text, _mark(all(rel[m] <= goal_pct for m in defaults)), str(accuracy_csv))
+
+
+def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 2.0, pts_goal: float = 5.0,
+                 cos_goal: float = 0.9) -> list[Row]:
+    """The real model (results/accuracy/smollm2): perplexity and retrieval after 4x extension at a 7B-shape
+    memory saving, and the LoRA-gradient cosine of the fidelity screen."""
+    label = "quality after 4x extension, real model (SmolLM2-135M): perplexity and retrieval vs LoRA, at memory saving"
+    goal = f"<= +{ppl_goal:.0f}% ppl, >= -{pts_goal:.0f} pts retrieval, >= {memory_goal}x memory (8K, 7B shape)"
+    front_csv, fid_csv = quality_dir / "frontier.csv", quality_dir / "fidelity.csv"
+    if not front_csv.exists():
+        return [Row(label, goal, "", _mark(None), "")]
+    f = pd.read_csv(front_csv)
+    f = f[f.label.str.startswith("lemo") & f.memory_ratio.notna()]
+    lines = [f"{r.label} {r.delta_pct:+.1f}% ({int(r.seeds)} seed{'s' * (r.seeds > 1)}) at {r.memory_ratio:.2f}x"
+             for r in f.sort_values("delta_pct").itertuples()]
+    retrieval = f.acc_pts.max() if "acc_pts" in f else float("nan")
+    text = "; ".join(lines) + (f"; retrieval: every method incl. LoRA at {retrieval:.0f} points (uninformative)"
+                               if retrieval == 0 else "")
+    met = bool(f.meets_goal.fillna(False).astype(bool).any()) if "meets_goal" in f else None
+    rows = [Row(label, goal, text, _mark(met), str(front_csv))]
+    if fid_csv.exists():
+        d = pd.read_csv(fid_csv)
+        longest = d.context.max()
+        cos = d[(d.metric == "grad_cos") & d.layer.isna() & (d.context == longest)].groupby("variant").value.mean()
+        mem = f.set_index("label").memory_ratio
+        sweep = quality_dir.parent.parent / "h200-frontier" / "sweep.csv"
+        if sweep.exists():
+            from .accuracy.quality import memory_ratios
+
+            mem = memory_ratios(sweep).set_index("label").memory_ratio
+        lean = cos[[v for v in cos.index if mem.get(v, 0) >= memory_goal]]
+        parts = [f"best {cos.idxmax()} {cos.max():.3f} (at {mem.get(cos.idxmax(), float('nan')):.2f}x)"]
+        if not lean.empty:
+            parts.append(f"best at >= {memory_goal}x: {lean.idxmax()} {lean.max():.3f}")
+        if "lemo-paper" in cos:
+            parts.append(f"paper's lemo-paper {cos['lemo-paper']:.3f}")
+        rows.append(Row(f"LoRA-gradient cosine vs dense, real model at {longest // 1024}K", f">= {cos_goal}",
+                        "; ".join(parts), _mark(bool((lean >= cos_goal).any())), str(fid_csv)))
+    return rows
 
 
 def recall_target(recall_csv: Path, goal: float = 0.97) -> Row:
@@ -164,6 +203,7 @@ def target_rows(results: Path) -> list[Row]:
     return [
         *(ratio_target(results, t) for t in TARGETS),
         budget_target(results),
+        *quality_rows(results / "accuracy" / "smollm2"),
         perplexity_target(results / "accuracy" / "small" / "accuracy.csv"),
         recall_target(results / "accuracy" / "small" / "predictors" / "recall.csv"),
         overhead_target(results),

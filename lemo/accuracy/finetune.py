@@ -32,6 +32,8 @@ class FinetuneConfig:
     lr: float = 1e-3
     warmup: int = 20
     seed: int = 0
+    # Seeds for the workflow's runs (LABEL.s<seed> each; lemo finetune --seeds); empty = `seed` alone.
+    seeds: list[int] = field(default_factory=list)
     # "float32": fp32 weights, bf16 autocast on CUDA (base weights a method trains, like LongLoRA's norms,
     # then take updates smaller than bf16's resolution); "model": train the weights in bf16 as loaded.
     master_weights: str = "float32"

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,9 @@ ACCURACY_METHODS = sorted(_acc["methods"])
 ACC_NEEDS_PREDICTORS = {m for m, o in _acc["methods"].items() if "{predictors}" in str(o)}
 ACC_PRED = _acc.get("predictors", {})  # context, steps, batch for train-predictors
 ACC_ROPE = _acc["finetune"]["rope_factor"]
+# A pretrained model by registry name (e.g. smollm2-135m): no pretraining; workflows/rules/quality.smk.
+ACC_PRETRAINED = _acc.get("model")
+ACC_SEEDS = _acc["finetune"].get("seeds") or [_acc["finetune"].get("seed", 0)]
 # A real checkpoint and text corpus instead of the built-in ones:
 #   snakemake --cores all --config accuracy_model=/path/to/hf_checkpoint accuracy_corpus=/path/to/texts
 ACC_MODEL = config.get("accuracy_model")
