@@ -214,7 +214,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
                                                    tag_output=recompute and id(module) in in_layers)
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
-    forward_patched = config.segment_loss_tokens > 0
+    forward_patched = config.segment_loss_tokens > 0 or config.loss_tokens == "kept"
     prior_forward = _instance_forward(lm)
     if forward_patched:  # wraps the current forward (a Liger FLCE forward stays in charge outside training)
         lm.forward = functools.partial(_segmented_forward, lm, lm.forward, config.segment_loss_tokens,
@@ -283,7 +283,8 @@ def kept_everywhere(state: _ForwardState) -> torch.Tensor | None:
 
 def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_loss: bool, input_ids=None,
                        attention_mask=None, position_ids=None, labels=None, inputs_embeds=None, **kwargs):
-    """The causal LM's forward, with the loss computed segment by segment when training with labels."""
+    """The causal LM's forward, with the loss computed segment by segment when training with labels (segment
+    0: the plain loss) and, with kept_loss, only over the positions kept in every sparse layer."""
     if labels is None or not torch.is_grad_enabled() or not lm.training:
         return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 labels=labels, inputs_embeds=inputs_embeds, **kwargs)
@@ -300,6 +301,10 @@ def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_los
         if kept is not None:
             labels = labels.clone()
             labels[:, 1:].masked_fill_(~kept[:, :-1], -100)
+    if segment == 0:  # the plain loss (full-length logits) over the kept positions
+        logits = lm.get_output_embeddings()(out.last_hidden_state)
+        return CausalLMOutputWithPast(loss=lm.loss_function(logits=logits, labels=labels,
+                                                            vocab_size=lm.config.vocab_size), logits=logits)
     loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment,
                              kernel=kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)

@@ -163,8 +163,6 @@ class LeMoConfig:
             raise ValueError(f"frozen_keys must be one of {FROZEN_KEYS}, got {self.frozen_keys!r}")
         if self.loss_tokens not in LOSS_TOKENS:
             raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
-        if self.loss_tokens == "kept" and self.segment_loss_tokens == 0:
-            raise ValueError("loss_tokens='kept' masks labels inside LeMo's segmented loss; set segment_loss_tokens > 0")
         if not 0.0 < self.mlp_keep_channels <= 1.0:
             raise ValueError(f"mlp_keep_channels must be in (0, 1], got {self.mlp_keep_channels}")
         if self.scorer not in SCORERS:

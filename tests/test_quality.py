@@ -103,8 +103,12 @@ def test_shared_selection_and_kept_loss():
     apply_lemo(reference, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, segment_loss_tokens=64))
     ref = reference(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(loss, ref)
-    with pytest.raises(ValueError, match="segment_loss_tokens > 0"):
-        LeMoConfig(loss_tokens="kept", segment_loss_tokens=0)
+    plain = copy.deepcopy(base)  # the plain (unsegmented) loss masks the same positions
+    apply_lemo(plain, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, loss_tokens="kept",
+                                 segment_loss_tokens=0))
+    out = plain(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref)
+    assert out.logits.shape == (1, 160, 512)
 
 
 def test_sparse_first_schedule():
