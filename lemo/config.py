@@ -115,10 +115,13 @@ class LeMoConfig:
     eliminated: str = "skip"
     # Keys an eliminated query attends to in "frozen" mode: "local" = kept tokens + its own block; "all".
     frozen_keys: str = "local"
-    # One selection for all sparse layers (made at the first one) instead of one per layer.
-    shared_selection: bool = False
-    # Positions whose next-token loss counts: "all", or "kept" = only those kept in every sparse layer.
-    loss_tokens: str = "all"
+    # One selection for all sparse layers (made at the first one) instead of one per layer (the paper's).
+    # The default: on a real model (SmolLM2, results/accuracy/smollm2) per-layer selections leave almost no
+    # token kept in every layer, and the tokens that skip layers get a far-off training signal.
+    shared_selection: bool = True
+    # Positions whose next-token loss counts: "all" (the paper), or "kept" = only those kept in every sparse
+    # layer, whose forward is the dense one's up to key sparsity (the default, with shared_selection).
+    loss_tokens: str = "kept"
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.
     mlp_channel_all_layers: bool = True
@@ -187,6 +190,14 @@ class LeMoConfig:
         self.threshold = _thresholds(self.threshold)
         if self.sparse_first is not None and (self.sparse_layers is not None or self.sparse_first < 0):
             raise ValueError(f"sparse_first must be >= 0 and only given without sparse_layers, got {self.sparse_first}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "LeMoConfig":
+        """The paper artifact's LeMo: the top 40% of blocks chosen per layer in layers n/2-1 .. n-2, eliminated
+        tokens skipping the layer, the MLP's channel-pruned backward in every layer, the loss over all
+        tokens. (On SmolLM2 it costs +75% perplexity after 4x extension: results/accuracy/smollm2.)"""
+        return cls(**{**dict(keep_ratio=0.4, mlp_mode="channel", mlp_channel_all_layers=True, eliminated="skip",
+                             shared_selection=False, loss_tokens="all"), **overrides})
 
     def resolve_sparse_layers(self, num_layers: int) -> list[int]:
         """The sparse layer indices for a model of `num_layers`; unknown indices fail clearly."""

@@ -26,9 +26,9 @@ STYLES = ["-", "--", ":", "-."]
 # One colour per method in every figure: baselines fixed, other labels a stable pick from the palette.
 METHOD_COLORS = {"lora": "#1f77b4", "lora-liger": "#17becf", "longlora": "#2ca02c", "pretrained": "#7f7f7f",
                  "pretrained+PI": "#bcbd22", "lemo-paper": "#d62728", "lemo-channel": "#d62728",
-                 "lemo-frozen": "#ff7f0e", "lemo-token": "#9467bd"}
-_PALETTE = ["#8c564b", "#e377c2", "#9467bd", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
-            "#e6550d", "#31a354", "#756bb1"]
+                 "lemo-frozen": "#ff7f0e", "lemo-token": "#9467bd", "lemo-shared-kept": "#8c564b",
+                 "lemo-frozen-deep40": "#e377c2", "lemo-frozen-deep": "#7f3b08", "lemo-frozen-channel": "#393b79"}
+_PALETTE = ["#637939", "#8c6d31", "#843c39", "#7b4173", "#e6550d", "#31a354", "#756bb1", "#636363"]
 
 
 def method_color(label: str) -> str:

@@ -245,7 +245,7 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
     with pytest.raises(ValueError, match="another model.*num_kv_heads.*lemo train-predictors"):
         load_scorer(out, build_model("llama3-tiny", dtype=torch.float32, seed=0))
     with pytest.raises(ValueError, match="block_size"):
-        apply_lemo(_sink_model(), LeMoConfig(scorer="predictor", predictor_path=str(out), block_size=64))
+        apply_lemo(_sink_model(), LeMoConfig(shared_selection=False, loss_tokens="all", scorer="predictor", predictor_path=str(out), block_size=64))
     with pytest.raises(ValueError, match="holds no predictors"):
         PredictorSet.load(tmp_path)
 
@@ -254,7 +254,7 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
 def test_apply_lemo_with_predictor_scorer(tmp_path):
     model = tiny_lora_model("llama2-tiny")
     path = str(build_predictors(model, block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
-    apply_lemo(model, LeMoConfig(scorer="predictor", predictor_path=path, block_size=BS, keep_ratio=0.4,
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", scorer="predictor", predictor_path=path, block_size=BS, keep_ratio=0.4,
                                  segment_loss_tokens=0))
     lm = unwrap(model)
     adapter = get_adapter(lm.config.model_type)
@@ -288,7 +288,7 @@ def test_threshold_tuning_reaches_target_recall(sink):
     scores = collect_scores(model, trained, evals)
     thresholds, rows = tune_thresholds(scores, keep_ratio=0.4, target_recall=0.9)
     assert sorted(thresholds) == trained.layers and all(math.isfinite(t) and t >= 0 for t in thresholds.values())
-    cfg = LeMoConfig(selection="threshold", threshold=thresholds)
+    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", selection="threshold", threshold=thresholds)
     for layer, entries in scores.items():
         hit = total = kept = valid_n = 0
         for pred, oracle, valid in entries:

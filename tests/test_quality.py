@@ -16,6 +16,8 @@ from lemo.models.adapters import get_adapter, unwrap
 from tests.helpers import tiny_lora_model
 from tests.test_accuracy import _CharTokenizer
 
+PER_LAYER = {"shared_selection": False, "loss_tokens": "all"}  # the paper's selection and loss
+
 
 def test_grad_cosines_overall_and_per_layer():
     ref = {"model.layers.0.q.lora_B": torch.tensor([1.0, 0.0]), "model.layers.1.q.lora_B": torch.tensor([0.0, 2.0])}
@@ -33,9 +35,9 @@ def test_fidelity_keep_one_is_exact_and_skip_is_not():
     model = tiny_lora_model("llama3-tiny")
     ids = torch.randint(0, 512, (1, 256))
     variants = {"keep-all": {"keep_ratio": 1.0, "block_size": 16, "segment_loss_tokens": 0},
-                "skip": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0},
+                "skip": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0, **PER_LAYER},
                 "frozen": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0, "eliminated": "frozen",
-                           "frozen_keys": "all"}}
+                           "frozen_keys": "all", **PER_LAYER}}
     rows = run_fidelity(model, ids, variants, attention_mass=True)
     table = summarize([{**r, "context": 256} for r in rows]).set_index("variant")
     assert table.loc["keep-all", "loss_delta_pct"] == pytest.approx(0.0, abs=1e-4)
@@ -72,7 +74,7 @@ def test_kept_attention_mass_against_explicit_softmax():
 
 def test_fate_masks_partition_tokens():
     model = tiny_lora_model("llama2-tiny")
-    apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, segment_loss_tokens=0))
+    apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, segment_loss_tokens=0, **PER_LAYER))
     ids = torch.randint(0, 512, (1, 160))
     model(input_ids=ids, labels=ids)
     masks = fate_masks(lemo_state(model), 160)
@@ -213,3 +215,14 @@ def test_smollm2_loads_by_name_and_answers(tmp_path):
     assert tok.decode(out[0, ids.shape[1]:]).strip().startswith("Paris")
     assert materialize("smollm2-135m", tmp_path / "smollm2") == ckpt  # made once
     assert math.isfinite(model(input_ids=ids, labels=ids).loss.item())
+
+
+def test_default_is_the_measured_best_and_paper_is_a_preset():
+    """The default selects once for all sparse layers and trains on the tokens kept there (the best
+    LeMo variant on SmolLM2); LeMoConfig.paper() is the artifact's schedule, JSON round-trip included."""
+    default = LeMoConfig()
+    assert default.shared_selection and default.loss_tokens == "kept" and default.eliminated == "skip"
+    paper = LeMoConfig.paper()
+    assert (paper.mlp_mode, paper.shared_selection, paper.loss_tokens, paper.keep_ratio) == ("channel", False, "all", 0.4)
+    assert LeMoConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
+    assert LeMoConfig.from_json(paper.to_json()) == paper

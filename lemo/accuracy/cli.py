@@ -190,7 +190,8 @@ def register(sub) -> None:
     p.add_argument("runs", help="directory of fine-tuning runs (<label>[.s<seed>]/eval.json)")
     p.add_argument("--fidelity", required=True, help="directory holding fidelity_x<factor>.csv")
     p.add_argument("--sweep", default=None, help="the frontier sweep CSV (memory of the same labels on a 7B shape)")
-    p.add_argument("--paper", default=None, help="CSV of the paper's (memory_ratio, ppl_delta_pct) points")
+    p.add_argument("--paper", default=None, help="the paper artifact's memory CSV (results/reference/jenga_ae_a800.csv) "
+                                             "for the paper's points on the frontier")
     p.add_argument("--out", required=True)
     p.add_argument("--figures", required=True)
     p.set_defaults(func=_quality_report)

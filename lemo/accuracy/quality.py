@@ -93,6 +93,19 @@ def _md(df: pd.DataFrame, floatfmt=".3f") -> str:
     return df.to_markdown(index=False, floatfmt=floatfmt)
 
 
+def paper_points(reference_csv: Path) -> list[dict]:
+    """The paper's Llama-2-7B quality deltas (LoRA -> LeMo perplexity, accuracy.report.PAPER) at its own
+    artifact's memory saving at 8K (reference CSV: LoRA / LeMo peak allocated, A800, no recomputation)."""
+    from .report import PAPER
+
+    ref = pd.read_csv(reference_csv)
+    at = ref[(ref.metric == "peak_allocated_mib") & (ref.model == "llama2") & (ref.context == 8192) & ~ref.recompute]
+    by = at.set_index("method").value
+    ratio = by["lora"] / by["jenga"]
+    return [{"label": f"paper {data} {ctx // 1024}K", "memory_ratio": ratio, "ppl_delta_pct": 100 * (lemo / lora - 1)}
+            for data, ctx, lora, lemo in PAPER]
+
+
 def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
     import matplotlib
 
@@ -100,7 +113,7 @@ def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     f = front.dropna(subset=["memory_ratio"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for r in f.itertuples():
         ax.errorbar(r.memory_ratio, r.delta_pct, yerr=None if pd.isna(r.delta_spread) else r.delta_spread,
                     fmt="o", color=method_color(r.label), capsize=3)
@@ -111,9 +124,13 @@ def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
                     fontsize=7)
     ax.axhline(GOALS["ppl_delta_pct"], color="grey", ls="--", lw=0.8)
     ax.axvline(GOALS["memory_ratio"], color="grey", ls="--", lw=0.8)
+    ax.set_yscale("symlog", linthresh=10)  # the paper's schedule sits an order of magnitude above the rest
+    ticks = [t for t in (-5, 0, 2, 5, 10, 20, 50, 100, 200) if t <= max(10, f.delta_pct.max() * 1.5)]
+    ax.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     ax.set_xlabel("peak-memory saving vs LoRA at 8K, Llama-2-7B shape (x, H200)")
-    ax.set_ylabel("perplexity vs LoRA after 4x extension (%)")
-    ax.set_title("Quality-memory frontier: perplexity delta at the extended length vs memory saving")
+    ax.set_ylabel("perplexity vs LoRA at 32K (%)")
+    ax.set_title("Perplexity delta after 4x extension vs memory saving\n(SmolLM2-135M; stars: the paper, Llama-2-7B)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
@@ -184,7 +201,7 @@ def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Pat
                  f"{-GOALS['retrieval_delta_pts']:.0f} points, memory saving >= {GOALS['memory_ratio']}x.\n\n"
                  + _md(front) + "\n")
     if mem is not None:
-        paper = pd.read_csv(paper_csv).to_dict("records") if paper_csv is not None and Path(paper_csv).exists() else []
+        paper = paper_points(paper_csv) if paper_csv is not None and Path(paper_csv).exists() else []
         frontier_figure(front, figures / "frontier.png", paper)
         written.append(figures / "frontier.png")
     (out / "summary.md").write_text("\n".join(parts))

@@ -115,4 +115,4 @@ rule quality_report:
         out=ACC_RESULTS,
     shell:
         "{PY} -m lemo quality-report {params.runs} --fidelity {params.fidelity} {params.sweep} --out {params.out} "
-        "--figures {params.figures} > {log} 2>&1"
+        "--figures {params.figures} --paper results/reference/jenga_ae_a800.csv > {log} 2>&1"
