@@ -119,7 +119,8 @@ def _quality_report(args) -> int:
 
     for p in write_quality_report(Path(args.runs), Path(args.fidelity), Path(args.out), Path(args.figures),
                                   Path(args.sweep) if args.sweep else None,
-                                  Path(args.paper) if args.paper else None):
+                                  Path(args.paper) if args.paper else None,
+                                  Path(args.readme) if args.readme else None):
         print(p)
     return 0
 
@@ -194,6 +195,7 @@ def register(sub) -> None:
                                              "for the paper's points on the frontier")
     p.add_argument("--out", required=True)
     p.add_argument("--figures", required=True)
+    p.add_argument("--readme", default=None, help="fill the README's results:quality-<out name> block")
     p.set_defaults(func=_quality_report)
     p = sub.add_parser("accuracy-report", help="fine-tuning runs -> accuracy CSV, table, figures")
     p.add_argument("runs", help="directory holding one sub-directory per run (eval.json, loss.csv)")
