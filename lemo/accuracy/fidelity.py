@@ -210,8 +210,6 @@ def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, varian
                         contexts: list[int], windows: int, rope_factor: float = 1.0, device: str = "cuda",
                         seed: int = 0, attention_mass: bool = True, adapters: Path | None = None) -> list[dict]:
     """Load the checkpoint (RoPE scaled by rope_factor), add LoRA, run the diagnostics per context."""
-    import csv
-
     from baselines.lora import apply_lora
 
     from ..provenance import provenance
@@ -238,10 +236,8 @@ def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, varian
         ids = sample_windows(corpus_dir, "heldout", context, windows, seed).to(dev)
         for r in run_fidelity(model, ids, variants, autocast=autocast, attention_mass=attention_mass):
             rows.append({"context": context, "rope_factor": rope_factor, "model_dir": str(model_dir), **r, **prov})
+    import pandas as pd
+
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with out_csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows).to_csv(out_csv, index=False)
     return rows
