@@ -65,12 +65,16 @@ def frozen_rows(parts: LayerParts, flat: torch.Tensor, eliminated: torch.Tensor,
             k_idx = k_idx[doc[k_idx] >= 0]
         else:
             k_idx = kept[row_of_kept == row]
+        k_row, v_row = _keys_values(parts, flat, k_idx, cos, sin)  # once per row, shared by its query chunks
         for start in range(0, q_idx.numel(), QUERY_CHUNK):
             qi = q_idx[start:start + QUERY_CHUNK]
-            # "local": the chunk's own eliminated tokens join the keys (for their own block only)
-            ki = k_idx if keys == "all" else torch.cat([k_idx, qi])
-            att = _attend(parts, flat, qi, ki, doc, cos, sin, block_size, keys, k_idx.numel(), length)
-            out[done:done + qi.numel()] = att
+            q, k_own, v_own = _queries(parts, flat, qi, cos, sin, own_keys=keys == "local")
+            if keys == "local":  # the chunk's own eliminated tokens join the keys, for their own block only
+                ki, k, v = torch.cat([k_idx, qi]), torch.cat([k_row, k_own]), torch.cat([v_row, v_own])
+            else:
+                ki, k, v = k_idx, k_row, v_row
+            out[done:done + qi.numel()] = _attend(parts, q, k, v, qi, ki, doc, block_size, keys, k_idx.numel(),
+                                                  length)
             done += qi.numel()
     if mlp:
         mid = flat.index_select(0, eliminated) + out
@@ -78,20 +82,36 @@ def frozen_rows(parts: LayerParts, flat: torch.Tensor, eliminated: torch.Tensor,
     return out
 
 
-def _attend(parts: LayerParts, flat, qi, ki, doc, cos, sin, block_size: int, keys: str, n_global: int,
-            length: int):
-    """o_proj(attention of queries qi over keys ki) with the causal / document / block mask: (n, D)."""
-    hq = parts.attn_norm(flat.index_select(0, qi))
-    hk = parts.attn_norm(flat.index_select(0, ki))
-    q = parts.q_proj(hq)
+def _keys_values(parts: LayerParts, flat, idx, cos, sin):
+    """Post-RoPE keys and values of rows `idx`: (n, Hkv, hd) each."""
+    h = parts.attn_norm(flat.index_select(0, idx))
+    k = parts.k_proj(h).view(idx.numel(), parts.num_kv_heads, parts.head_dim)
+    v = parts.v_proj(h).view(idx.numel(), parts.num_kv_heads, parts.head_dim)
+    if parts.rope:
+        k = _rope(parts, k, cos.index_select(0, idx), sin.index_select(0, idx))
+    return k, v
+
+
+def _queries(parts: LayerParts, flat, idx, cos, sin, own_keys: bool):
+    """Post-RoPE queries of rows `idx` (n, Hq, hd), and their own keys and values when asked."""
+    h = parts.attn_norm(flat.index_select(0, idx))
+    q = parts.q_proj(h)
     if parts.q_prescale != 1.0:
         q = q * parts.q_prescale
-    q = q.view(qi.numel(), parts.num_heads, parts.head_dim)
-    k = parts.k_proj(hk).view(ki.numel(), parts.num_kv_heads, parts.head_dim)
-    v = parts.v_proj(hk).view(ki.numel(), parts.num_kv_heads, parts.head_dim)
+    q = q.view(idx.numel(), parts.num_heads, parts.head_dim)
+    k = v = None
+    if own_keys:
+        k = parts.k_proj(h).view(idx.numel(), parts.num_kv_heads, parts.head_dim)
+        v = parts.v_proj(h).view(idx.numel(), parts.num_kv_heads, parts.head_dim)
     if parts.rope:
-        q = _rope(parts, q, cos.index_select(0, qi), sin.index_select(0, qi))
-        k = _rope(parts, k, cos.index_select(0, ki), sin.index_select(0, ki))
+        c, sn = cos.index_select(0, idx), sin.index_select(0, idx)
+        q = _rope(parts, q, c, sn)
+        k = _rope(parts, k, c, sn) if own_keys else None
+    return q, k, v
+
+
+def _attend(parts: LayerParts, q, k, v, qi, ki, doc, block_size: int, keys: str, n_global: int, length: int):
+    """o_proj(attention of queries qi over keys ki) with the causal / document / block mask: (n, D)."""
     # token i sees token j when j <= i in the same document; "local" keys past the kept ones only
     # within i's own block
     mask = (ki[None, :] <= qi[:, None]) & (doc[ki][None, :] == doc[qi][:, None])
