@@ -167,7 +167,10 @@ def _eval_predictors(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lemo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("measure", help="run one sweep job and write one JSON record per point")
     p.add_argument("--sweep", required=True)
