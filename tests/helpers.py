@@ -32,3 +32,21 @@ def assert_grads_close(a, b, rtol=1e-5, atol=1e-6):
     assert a.keys() == b.keys() and a, "gradient sets differ or are empty"
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def patch_reference_layers(reference, state, make_forward):
+    """Replace the reference model's layers that LeMo made sparse with `make_forward(layer, parts, keep)`,
+    keep (B, L) bool from LeMo's own selection of that layer; returns {layer: keep}."""
+    from lemo.models.adapters import get_adapter, unwrap
+
+    lm = unwrap(reference)
+    adapter = get_adapter(lm.config.model_type)
+    layers = adapter.decoder(lm).layers
+    b, length = state.layout.shape
+    keeps = {}
+    for i, sel in state.selections.items():
+        keep = torch.zeros(b * length, dtype=torch.bool)
+        keep[sel.index.cpu()] = True
+        keeps[i] = keep.view(b, length)
+        layers[i].forward = make_forward(layers[i], adapter.parts(layers[i]), keeps[i])
+    return keeps

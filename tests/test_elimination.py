@@ -12,7 +12,7 @@ from baselines.lora import apply_lora
 from lemo import LeMoConfig, apply_lemo, lemo_state, remove_lemo
 from lemo.models.adapters import get_adapter, unwrap
 from lemo.models.registry import build_model
-from tests.helpers import FAMILIES, assert_grads_close, lora_grads, tiny_lora_model
+from tests.helpers import FAMILIES, assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 
 
 def _loss_and_grads(model, **batch):
@@ -130,16 +130,11 @@ def test_sparse_layers_match_masked_dense_reference(name, mode):
     state = lemo_state(model)
     assert set(state.selections) == {1, 2}
     # Patch the reference's sparse layers with masked dense computations using LeMo's own selections.
-    lm = unwrap(reference)
-    adapter = get_adapter(lm.config.model_type)
-    layers = adapter.decoder(lm).layers
-    for i, sel in state.selections.items():
-        keep = torch.zeros(b * length, dtype=torch.bool)
-        keep[sel.index] = True
+    keeps = patch_reference_layers(reference, state, lambda layer, parts, keep: _reference_layer(
+        layer, parts, keep, state.layout.doc_ids, "token"))
+    for keep in keeps.values():
         kept_frac = keep.float().mean().item()
         assert 0.2 < kept_frac < 0.7, kept_frac  # something was eliminated, something kept
-        layers[i].forward = _reference_layer(layers[i], adapter.parts(layers[i]), keep.view(b, length),
-                                             state.layout.doc_ids, "token")
     with attention_context("sdpa-math"):
         ref_loss, ref_grads = _loss_and_grads(reference, **batch)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)

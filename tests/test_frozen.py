@@ -12,8 +12,7 @@ import torch
 
 from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
-from lemo.models.adapters import get_adapter, unwrap
-from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
+from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 
 
 def _rot(x):
@@ -77,16 +76,12 @@ def test_frozen_matches_masked_dense_reference(name, keys, mlp_mode, movement):
         loss.backward()
     grads = lora_grads(model)
     state = lemo_state(model)
-    lm = unwrap(reference)
-    adapter = get_adapter(lm.config.model_type)
-    layers = adapter.decoder(lm).layers
-    for i, sel in state.selections.items():
-        keep = torch.zeros(b * length, dtype=torch.bool)
-        keep[sel.index] = True
+    keeps = patch_reference_layers(reference, state, lambda layer, parts, keep: _frozen_reference(
+        parts, keep, state.layout.doc_ids, mlp_mode, keys, bs))
+    for i, keep in keeps.items():
         assert 0.2 < keep.float().mean() < 0.7
+        sel = state.selections[i]
         assert torch.equal(torch.sort(torch.cat([sel.index, sel.eliminated])).values, torch.arange(b * length))
-        layers[i].forward = _frozen_reference(adapter.parts(layers[i]), keep.view(b, length),
-                                              state.layout.doc_ids, mlp_mode, keys, bs)
     with attention_context("sdpa-math"):
         ref_loss = reference(**batch).loss
         ref_loss.backward()

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.layout import make_layout
-from lemo.models.adapters import get_adapter, unwrap
 from lemo.selection import block_valid, select_blocks, tokens_from_blocks
-from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
+from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 from tests.test_elimination import _reference_layer
 
 @pytest.fixture(scope="module")
@@ -123,14 +122,8 @@ def test_sparse_layers_match_the_masked_dense_reference(model, layout, block_siz
         loss.backward()
     state = lemo_state(lemo_model)
     assert set(state.selections) == schedule
-    lm = unwrap(reference)
-    adapter = get_adapter(lm.config.model_type)
-    layers = adapter.decoder(lm).layers
-    for i, sel in state.selections.items():
-        keep = torch.zeros(b * length, dtype=torch.bool)
-        keep[sel.index] = True
-        layers[i].forward = _reference_layer(layers[i], adapter.parts(layers[i]), keep.view(b, length),
-                                             state.layout.doc_ids, "token")
+    patch_reference_layers(reference, state, lambda layer, parts, keep: _reference_layer(
+        layer, parts, keep, state.layout.doc_ids, "token"))
     with attention_context("sdpa-math"):
         ref_loss = reference(**batch).loss
         ref_loss.backward()
