@@ -15,6 +15,7 @@ if ACC_PRETRAINED:  # a real pretrained model: fidelity screen, seeded extension
     include: "workflows/rules/quality.smk"
 else:  # a small model pretrained here
     include: "workflows/rules/accuracy.smk"
+include: "workflows/rules/predictors.smk"
 include: "workflows/rules/maxctx.smk"
 include: "workflows/rules/distributed.smk"
 

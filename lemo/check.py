@@ -21,10 +21,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from .config import check_types
 from .results import LORA_FAMILY, POINT_COLS, wide
+from .yamlfile import load_yaml
 
 KEYS = ["model", "attention", "gradient_checkpointing", "context", "batch_size"]  # a point, without the method
 TOP_KEYS = {"checks", "sweep"}
@@ -65,10 +65,7 @@ class Check:
 
 def load_thresholds(path) -> tuple[list[Check], Path | None]:
     """The checks of a thresholds file and the sweep it names (relative to the file), validated."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with keys {sorted(TOP_KEYS)}, got {type(data).__name__}")
     unknown = set(data) - TOP_KEYS

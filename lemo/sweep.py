@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 from baselines.attention import BACKENDS
 
 from .methods import METHODS
 from .models.registry import REGISTRY
+from .yamlfile import load_yaml
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
 # kind: distributed = multi-GPU points (lemo.distributed); max_context: a max-context search (lemo.maxctx)
@@ -94,11 +94,7 @@ class Job:
 
 
 def load_sweep(path: str | Path) -> dict:
-    try:
-        with open(path) as f:
-            sweep = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    sweep = load_yaml(path)
     validate_sweep(sweep, str(path))
     return sweep
 

@@ -337,3 +337,16 @@ def test_identity_samples_stay_in_range_for_large_weights():
     w = torch.arange(n, dtype=torch.int64) % 1000  # exact in float32 after sampling
     expected = [float((k * (n - 1) // 7) % 1000) for k in range(8)]
     assert _sample(w) == expected  # first and last value included, nothing past the end
+
+
+def test_a_shared_selection_needs_a_predictor_for_its_first_sparse_layer_only(tmp_path):
+    model = tiny_lora_model("llama2-tiny")
+    path = str(build_predictors(model, sparse_layers=[1], block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
+    common = dict(scorer="predictor", predictor_path=path, block_size=BS, sparse_layers=[1, 2], segment_loss_tokens=0)
+    with pytest.raises(ValueError, match=r"not sparse layers \[2\]"):
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", **common))
+    apply_lemo(model, LeMoConfig(shared_selection=True, **common))
+    ids = torch.randint(0, 512, (1, 128))
+    model(input_ids=ids, labels=ids).loss.backward()
+    sel = lemo_state(model).selections
+    assert set(sel) == {1, 2} and sel[1] is sel[2]

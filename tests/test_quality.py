@@ -226,3 +226,12 @@ def test_default_is_the_measured_best_and_paper_is_a_preset():
     assert (paper.mlp_mode, paper.shared_selection, paper.loss_tokens, paper.keep_ratio) == ("channel", False, "all", 0.4)
     assert LeMoConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
     assert LeMoConfig.from_json(paper.to_json()) == paper
+
+
+def test_a_screen_of_new_variants_updates_the_committed_table():
+    from lemo.accuracy.fidelity import merge_screen
+
+    old = pd.DataFrame({"context": [8, 8, 8, 8], "variant": ["dense", "a", "b", "b"], "value": [1.0, 2.0, 3.0, 3.5]})
+    new = pd.DataFrame({"context": [8, 16, 8, 8], "variant": ["dense", "dense", "b", "c"], "value": [9.0, 7.0, 4.0, 5.0]})
+    merged = merge_screen(old, new)
+    assert sorted(merged.value) == [1.0, 2.0, 4.0, 5.0, 7.0]  # old dense@8 kept, old b replaced, dense@16 added

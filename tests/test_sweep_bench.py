@@ -185,6 +185,21 @@ def test_sweep_files_fail_at_load_naming_the_file(tmp_path):
         load_sweep(path)
 
 
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path):
+    from lemo.accuracy.experiment import load_experiment
+    from lemo.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    text = yaml.safe_dump(SWEEP).replace("mlp_mode: token", "mlp_mode: token\n      mlp_mode: channel", 1)
+    assert "mlp_mode: channel" in text and yaml.safe_load(text)  # plain PyYAML takes the last silently
+    path.write_text(text)
+    with pytest.raises(ValueError, match="key 'mlp_mode' given twice"):
+        load_sweep(path)
+    path.write_text("methods: {lora: {method: lora, method: lemo}}\n")
+    with pytest.raises(ValueError, match="key 'method' given twice"):
+        load_experiment(path)
+
+
 def test_an_error_inside_a_point_is_recorded_even_when_describing_the_method_fails(tmp_path):
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))  # built without validation, as a stale job file could be
     sweep["methods"]["lemo-token"]["lemo"]["mlp_mode"] = "tokn"

@@ -19,9 +19,9 @@ CORPUS_OPTIONS = ("vocab_size", "heldout_fraction", "seed", "min_long", "sources
 
 def corpus_options(path: Path) -> dict:
     """The `corpus` section of an experiment YAML (a file holding only that section will do)."""
-    import yaml
+    from ..yamlfile import load_yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path) or {}
     opts = data.get("corpus", {}) or {}
     unknown = sorted(set(opts) - set(CORPUS_OPTIONS))
     if unknown:
@@ -97,12 +97,16 @@ def _fidelity(args) -> int:
     spec = exp.fidelity
     if not spec:
         raise SystemExit(f"{args.experiment} has no `fidelity` section (contexts, windows, variants)")
+    unknown = sorted(set(args.variants or ()) - set(spec["variants"]))
+    if unknown:
+        raise SystemExit(f"--variants {unknown} not in {args.experiment}'s fidelity variants: {sorted(spec['variants'])}")
     variants = {k: v for k, v in spec["variants"].items() if not args.variants or k in args.variants}
     rows = []
     for factor, contexts in spec["rope_factors"].items():
         rows += fidelity_experiment(Path(args.model), Path(args.corpus), Path(args.out) / f"fidelity_x{factor}.csv",
                                     variants, contexts, spec.get("windows", 2), rope_factor=float(factor),
-                                    device=_device(args.device), attention_mass=not args.no_attention_mass)
+                                    device=_device(args.device), attention_mass=not args.no_attention_mass,
+                                    merge=bool(args.variants))
     print(summarize(rows).round(4).to_string())
     return 0
 
@@ -177,7 +181,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True, help="directory for fidelity_x<rope factor>.csv")
-    p.add_argument("--variants", nargs="*", default=None, help="only these variant labels")
+    p.add_argument("--variants", nargs="*", default=None, help="only these variant labels (their rows replace theirs in existing CSVs)")
     p.add_argument("--no-attention-mass", action="store_true", help="skip the attention-mass metric (slowest)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_fidelity)

@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from ..config import check_types, from_fields
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
+from ..yamlfile import load_yaml
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Experiment:
 SECTIONS = {"name", "corpus", "pretrain", "finetune", "methods", "predictors", "fidelity", "model"}
 CORPUS_KEYS = {"vocab_size": int, "heldout_fraction": float, "seed": int, "min_long": int, "sources": list,
                "long_tokens": int, "max_doc_tokens": int, "max_train_tokens": int}  # prepare_corpus
-PREDICTOR_KEYS = {"context": int, "steps": int, "batch": int}  # lemo train-predictors
+PREDICTOR_KEYS = {"context": int, "steps": int, "batch": int,  # lemo train-predictors
+                  "sparse_layers": list, "target_recall": float}  # and eval-predictors
 
 
 def _section(data, keys: dict, where: str) -> dict:
@@ -53,7 +54,8 @@ def _section(data, keys: dict, where: str) -> dict:
             raise ValueError(f"{where}: unknown key {k!r}; known: {sorted(keys)}")
         number = keys[k] is float and isinstance(v, (int, float))
         if isinstance(v, bool) or not (isinstance(v, keys[k]) or number):
-            raise ValueError(f"{where}: {k} must be {'a number' if keys[k] is float else 'an integer'}, got {v!r}")
+            kind = {float: "a number", list: "a list", int: "an integer"}.get(keys[k], keys[k].__name__)
+            raise ValueError(f"{where}: {k} must be {kind}, got {v!r}")
     return data
 
 
@@ -92,10 +94,7 @@ def load_experiment(path: Path) -> Experiment:
     """Every section and key checked (unknown keys, wrong types, method options that do not build)."""
     from ..sweep import method_options
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with sections {sorted(SECTIONS)}")
     unknown = set(data) - SECTIONS

@@ -208,8 +208,12 @@ def summarize(rows: list[dict]):
 
 def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, variants: dict[str, dict],
                         contexts: list[int], windows: int, rope_factor: float = 1.0, device: str = "cuda",
-                        seed: int = 0, attention_mass: bool = True, adapters: Path | None = None) -> list[dict]:
-    """Load the checkpoint (RoPE scaled by rope_factor), add LoRA, run the diagnostics per context."""
+                        seed: int = 0, attention_mass: bool = True, adapters: Path | None = None,
+                        merge: bool = False) -> list[dict]:
+    """Load the checkpoint (RoPE scaled by rope_factor), add LoRA, run the diagnostics per context.
+
+    merge: update an existing out_csv, replacing only these variants' rows (a screen of new variants
+    keeps the committed ones; its own dense reference rows are dropped where the file has them)."""
     from baselines.lora import apply_lora
 
     from ..provenance import provenance
@@ -239,5 +243,18 @@ def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, varian
     import pandas as pd
 
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out_csv, index=False)
+    table = pd.DataFrame(rows)
+    if merge and out_csv.exists():
+        table = merge_screen(pd.read_csv(out_csv), table)
+    table.to_csv(out_csv, index=False)
     return rows
+
+
+def merge_screen(old, new):
+    """old's rows with new's variants replaced by new's rows; new's dense rows only at contexts old lacks."""
+    import pandas as pd
+
+    screened = set(new.variant) - {"dense"}
+    old = old[~old.variant.isin(screened)]
+    have_dense = set(old.context[old.variant == "dense"])
+    return pd.concat([old, new[~((new.variant == "dense") & new.context.isin(have_dense))]], ignore_index=True)

@@ -76,5 +76,8 @@ def make_scorer(config, model):
         return OracleScorer(config.kernels)
     if config.scorer == "predictor":
         n = len(get_adapter(unwrap(model).config.model_type).decoder(unwrap(model)).layers)
-        return load_scorer(config.predictor_path, model, config.resolve_sparse_layers(n), config.block_size)
+        scored = config.resolve_sparse_layers(n)
+        if config.shared_selection:  # one selection, made at the first sparse layer: only it is scored
+            scored = [min(scored)]
+        return load_scorer(config.predictor_path, model, scored, config.block_size)
     raise ValueError(f"unknown scorer {config.scorer!r}")

@@ -36,40 +36,6 @@ rule pretrain:
         "{ACC_RESULTS}/runs/pretrain/ && cp {input.corpus}/stats.json {ACC_RESULTS}/corpus_stats.json"
 
 
-rule train_predictors:
-    input:
-        model=MODEL_DIR,
-        corpus=CORPUS_DIR,
-    output:
-        directory(f"{ACC_DATA}/predictors"),
-    log:
-        f"{ACC_RESULTS}/logs/train_predictors.log",
-    resources:
-        gpu=1,
-    shell:
-        "{PY} -m lemo train-predictors --model {input.model} --corpus {input.corpus} --out {output} "
-        "--rope-factor {ACC_ROPE} --context {ACC_PRED[context]} --steps {ACC_PRED[steps]} --batch {ACC_PRED[batch]} "
-        "> {log} 2>&1"
-
-
-rule eval_predictors:
-    input:
-        model=MODEL_DIR,
-        corpus=CORPUS_DIR,
-        predictors=f"{ACC_DATA}/predictors",
-    output:
-        f"{ACC_RESULTS}/predictors/recall.csv",
-    log:
-        f"{ACC_RESULTS}/logs/eval_predictors.log",
-    resources:
-        gpu=1,
-    shell:
-        "{PY} -m lemo eval-predictors --model {input.model} --corpus {input.corpus} --predictors {input.predictors} "
-        "--rope-factor {ACC_ROPE} --context {ACC_PRED[context]} --batch {ACC_PRED[batch]} --batches 8 --target-recall 0.95 "
-        "--out {output} --tune-thresholds > {log} 2>&1 && "
-        "cp {input.predictors}/*.json {ACC_RESULTS}/predictors/"
-
-
 rule eval_base:
     input:
         model=MODEL_DIR,

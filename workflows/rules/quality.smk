@@ -1,6 +1,7 @@
 # Quality on a real pretrained model (an experiment with `model:`, e.g. workflows/accuracy/smollm2.yaml):
 # the package's weights -> checkpoint; a corpus tokenized with its tokenizer; the fidelity screen of the
-# LeMo variants; each method's context-extension run per seed; the base model's evaluation; the report
+# LeMo variants; predictors and their recall (workflows/rules/predictors.smk, with a `predictors`
+# section); each method's context-extension run per seed; the base model's evaluation; the report
 # with the frontier (memory of the same labels from the committed h200-frontier sweep).
 
 ACC_DATA = f"data/accuracy/{ACCURACY}"
@@ -59,6 +60,7 @@ rule finetune_seeded:
     input:
         model=MODEL_DIR,
         corpus=CORPUS_DIR,
+        predictors=lambda w: [f"{ACC_DATA}/predictors"] if w.label in ACC_NEEDS_PREDICTORS else [],
     output:
         f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/eval.json",
         f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/loss.csv",
@@ -70,11 +72,12 @@ rule finetune_seeded:
     params:
         experiment=ACCURACY_FILE,
         runs=f"{ACC_RESULTS}/runs",
+        predictors=lambda w, input: f"--predictors {input.predictors}" if input.predictors else "",
     resources:
         gpu=1,
     shell:
         "{PY} -m lemo finetune --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
-        "--out {params.runs} --methods {wildcards.label} --seeds {wildcards.seed} > {log} 2>&1"
+        "{params.predictors} --out {params.runs} --methods {wildcards.label} --seeds {wildcards.seed} > {log} 2>&1"
 
 
 rule eval_base:
@@ -101,6 +104,7 @@ rule quality_report:
         runs=expand(f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/eval.json", label=ACCURACY_METHODS, seed=ACC_SEEDS),
         base=f"{ACC_RESULTS}/runs/pretrained/eval.json",
         fidelity=expand(f"{ACC_RESULTS}/fidelity/fidelity_x{{factor}}.csv", factor=FIDELITY_FACTORS),
+        recall=[f"{ACC_RESULTS}/predictors/recall.csv"] if ACC_PRED else [],
     output:
         f"{ACC_RESULTS}/accuracy.csv",
         f"{ACC_RESULTS}/frontier.csv",
