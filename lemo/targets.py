@@ -40,31 +40,24 @@ def _mark(ok: bool | None) -> str:
 
 def ratio_target(results: Path, target: tuple) -> Row:
     """The best LeMo variant's ratio at a report.TARGETS point against the strongest LoRA-family row of
-    the same run (any backend), over the sweeps that measured both; plain LoRA's ratio beside it."""
+    the same run (any backend), over the runs that hold the strongest baseline measured anywhere (within
+    run-to-run noise): a run without it (e.g. no lora-liger) would flatter LeMo. Plain LoRA's beside it."""
     label, model, _, _, _, goal, paper = target
-    best, strongest = None, None
+    found = []
     for name in SWEEPS:
         csv = results / name / "sweep.csv"
-        if not csv.exists():
-            continue
-        for row in target_points(pd.read_csv(csv), target, same_run=True).itertuples():
-            if best is None or row.ratio > best[0].ratio:
-                best = (row, csv)
-            if strongest is None or row.base < strongest[0].base:
-                strongest = (row, csv)
+        if csv.exists():
+            found += [(row, csv) for row in target_points(pd.read_csv(csv), target, same_run=True).itertuples()]
     label, goal_text = f"{label}, {model}", f"{goal:.2f}x vs the strongest LoRA (paper {paper:.2f}x vs plain LoRA)"
-    if best is None:
+    if not found:
         return Row(label, goal_text, "", _mark(None), "")
-    r, csv = best
+    strongest = min(row.base for row, _ in found)
+    r, csv = max(((row, csv) for row, csv in found if row.base <= (1 + RUN_TO_RUN) * strongest),
+                 key=lambda pair: pair[0].ratio)
     plain = "not in the run" if pd.isna(r.lora_ratio) else f"{r.lora_ratio:.3f}x (lora {r.lora:.2f})"
     text = (f"{r.ratio:.3f}x: {r.base_method} ({r.base_attention}) {r.base:.2f}, {r.method} ({r.attention}) "
             f"{r.value:.2f}, one run with {r.baselines}; vs plain LoRA on {r.attention}: {plain}")
-    s, s_csv = strongest
-    weaker = s.base < (1 - RUN_TO_RUN) * r.base  # that run lacks a baseline another run shows is stronger
-    if weaker:
-        text += (f"; NOT against the strongest measured: {s.base_method} ({s.base_attention}) {s.base:.2f} in "
-                 f"{s_csv.parent.name}")
-    return Row(label, goal_text, text, _mark(r.ratio >= goal and not weaker), str(csv))
+    return Row(label, goal_text, text, _mark(r.ratio >= goal), str(csv))
 
 
 def budget_target(results: Path) -> Row:
@@ -119,7 +112,10 @@ def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 
     text = "; ".join(lines) + (f"; retrieval: every method incl. LoRA at {retrieval:.0f} points (uninformative)"
                                if retrieval == 0 else "")
     met = bool(f.meets_goal.fillna(False).astype(bool).any()) if "meets_goal" in f else None
-    rows = [Row(label, goal, text, _mark(met), str(front_csv))]
+    mark = _mark(met)
+    if met and retrieval == 0:  # "within 5 points of LoRA" holds only because LoRA retrieves nothing either
+        mark = "perplexity and memory yes; retrieval not tested (LoRA at 0)"
+    rows = [Row(label, goal, text, mark, str(front_csv))]
     if fid_csv.exists():
         d = pd.read_csv(fid_csv)
         longest = d.context.max()
@@ -141,14 +137,15 @@ def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 
     return rows
 
 
-def recall_target(recall_csv: Path, goal: float = 0.97) -> Row:
-    label = "predictor recall of the oracle's kept blocks (own pretrained model)"
+def recall_target(recall_csv: Path, model: str, goal: float = 0.97) -> Row:
+    label = f"predictor recall of the oracle's kept blocks ({model})"
     if not recall_csv.exists():
         return Row(label, f">= {goal:.0%}", "", _mark(None), "")
     r = pd.read_csv(recall_csv)
+    context = f" at {int(r.context.iloc[0]) // 1024}K" if "context" in r else ""
     r = r[r.layer.astype(str) == "all"].set_index("selection")
     parts = [f"{sel} {row.recall:.1%} at {row.kept_fraction:.0%} kept" for sel, row in r.iterrows()]
-    return Row(label, f">= {goal:.0%} (paper 95.1%)", ", ".join(parts), _mark(r.recall.max() >= goal),
+    return Row(label, f">= {goal:.0%} (paper 95.1%)", ", ".join(parts) + context, _mark(r.recall.max() >= goal),
                str(recall_csv))
 
 
@@ -205,7 +202,8 @@ def target_rows(results: Path) -> list[Row]:
         budget_target(results),
         *quality_rows(results / "accuracy" / "smollm2"),
         perplexity_target(results / "accuracy" / "small" / "accuracy.csv"),
-        recall_target(results / "accuracy" / "small" / "predictors" / "recall.csv"),
+        recall_target(results / "accuracy" / "smollm2" / "predictors" / "recall.csv", "SmolLM2-135M, RoPE x4"),
+        recall_target(results / "accuracy" / "small" / "predictors" / "recall.csv", "17M toy model"),
         overhead_target(results),
         *kernel_rows(results),
     ]

@@ -32,7 +32,7 @@ def test_keep_ratio_one_equals_untouched_model(name, checkpointing):
     with attention_context("sdpa-flash"):
         ref_logits = model(input_ids=ids).logits.detach()
         ref_loss, ref_grads = _loss_and_grads(model, input_ids=ids, labels=ids)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=1.0, mlp_mode="token", segment_loss_tokens=0, block_size=16))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=1.0, mlp_mode="token", segment_loss_tokens=0, block_size=16))
         logits = model(input_ids=ids).logits.detach()
         loss, grads = _loss_and_grads(model, input_ids=ids, labels=ids)
     assert lemo_state(model).selections, "no sparse layer ran"
@@ -45,7 +45,7 @@ def test_peft_after_lemo_and_remove_restores():
     base = build_model("llama3-tiny", dtype=torch.float32)
     ids = torch.randint(0, 512, (1, 130))
     reference = copy.deepcopy(base)
-    apply_lemo(base, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
+    apply_lemo(base, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
     model = apply_lora(base)  # LoRA after LeMo: targets found inside the LeMo layers
     names_with = {n for n, _ in model.named_parameters()}
     model.train()
@@ -67,7 +67,7 @@ def test_eval_mode_runs_the_dense_model():
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.3, block_size=16))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.3, block_size=16))
         torch.testing.assert_close(model(input_ids=ids).logits, ref)
 
 
@@ -123,7 +123,7 @@ def test_sparse_layers_match_masked_dense_reference(name, mode):
         pos = torch.cat([torch.arange(60), torch.arange(90)])[None].expand(b, -1)
         batch["position_ids"] = pos
     reference = copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.4, block_size=16, mlp_mode="token", segment_loss_tokens=0)
+    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=16, mlp_mode="token", segment_loss_tokens=0)
     apply_lemo(model, cfg)
     with attention_context("sdpa-math"):
         loss, grads = _loss_and_grads(model, **batch)
@@ -146,7 +146,7 @@ def test_channel_mode_forward_equals_token_mode_reference_forward():
     model = tiny_lora_model("llama2-tiny")
     ids = torch.randint(0, 512, (1, 96))
     reference = copy.deepcopy(model)
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.5, block_size=16, mlp_mode="channel", segment_loss_tokens=0))
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, mlp_mode="channel", segment_loss_tokens=0))
     loss = model(input_ids=ids, labels=ids).loss
     state = lemo_state(model)
     lm = unwrap(reference)
@@ -163,7 +163,7 @@ def test_channel_mode_forward_equals_token_mode_reference_forward():
 def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
     model = tiny_lora_model("llama2-tiny")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
     calls = []
     lm = unwrap(model)
     layer = lm.model.layers[1]
@@ -185,27 +185,27 @@ def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
 def test_bad_config_fails_clearly(bad, words):
     model = tiny_lora_model("llama2-tiny")
     with pytest.raises(ValueError, match=words):
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", **bad))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, **bad))
 
 
 def test_unsupported_models_fail_clearly():
     with pytest.raises(ValueError, match="pre-norm"):
-        apply_lemo(build_model("opt-350m", device="meta"), LeMoConfig(shared_selection=False, loss_tokens="all"))
+        apply_lemo(build_model("opt-350m", device="meta"), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
     with pytest.raises(ValueError, match="gated SiLU"):
-        apply_lemo(build_model("opt-tiny", dtype=torch.float32), LeMoConfig(shared_selection=False, loss_tokens="all", mlp_mode="channel"))
+        apply_lemo(build_model("opt-tiny", dtype=torch.float32), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, mlp_mode="channel"))
     gpt2 = type("Fake", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
     with pytest.raises(ValueError, match="does not support model_type 'gpt2'"):
-        apply_lemo(gpt2, LeMoConfig(shared_selection=False, loss_tokens="all"))
+        apply_lemo(gpt2, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
     model = tiny_lora_model("llama2-tiny")
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all"))
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
     with pytest.raises(ValueError, match="already applied"):
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all"))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
 
 
 def test_kept_fraction_follows_keep_ratio():
     model = tiny_lora_model("llama2-tiny")
     length, bs = 200, 16
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.3, block_size=bs, segment_loss_tokens=0))
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.3, block_size=bs, segment_loss_tokens=0))
     ids = torch.randint(0, 512, (1, length))
     model(input_ids=ids, labels=ids)
     nb = math.ceil(length / bs)

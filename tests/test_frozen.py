@@ -67,7 +67,7 @@ def test_frozen_matches_masked_dense_reference(name, keys, mlp_mode, movement):
     pos = torch.cat([torch.arange(60), torch.arange(90)])[None].expand(b, -1)  # two packed documents
     batch = {"input_ids": ids, "labels": ids, "position_ids": pos}
     reference = copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.4, block_size=bs, mlp_mode=mlp_mode, segment_loss_tokens=0,
+    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=bs, mlp_mode=mlp_mode, segment_loss_tokens=0,
                      eliminated="frozen", frozen_keys=keys, movement_kernel=movement)
     apply_lemo(model, cfg)
     with attention_context("sdpa-math"):
@@ -98,7 +98,7 @@ def test_frozen_is_closer_to_dense_than_skip():
     gaps = {}
     for eliminated in ("skip", "frozen"):
         model = copy.deepcopy(base)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.25, block_size=16, eliminated=eliminated, frozen_keys="all",
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.25, block_size=16, eliminated=eliminated, frozen_keys="all",
                                      segment_loss_tokens=0))
         gaps[eliminated] = abs(model(input_ids=ids, labels=ids).loss.item() - dense)
     assert gaps["frozen"] < gaps["skip"]
@@ -115,7 +115,7 @@ def test_frozen_saves_nothing_of_eliminated_tokens():
     saved = {}
     for eliminated in ("skip", "frozen"):
         model = copy.deepcopy(base)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.25, block_size=16, eliminated=eliminated, segment_loss_tokens=0))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.25, block_size=16, eliminated=eliminated, segment_loss_tokens=0))
         saved[eliminated] = saved_activation_bytes(model, {"input_ids": ids, "labels": ids}).total
         index_bytes = sum(s.eliminated.numel() * 8 for s in lemo_state(model).selections.values())
     assert saved["frozen"] == saved["skip"] + index_bytes

@@ -203,7 +203,7 @@ def _run(name, movement, mlp_mode, checkpointing, ids, **cfg):
     if checkpointing:
         reentrant = checkpointing == "reentrant"
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    apply_lemo(model, LeMoConfig(keep_ratio=0.5, block_size=16, mlp_mode=mlp_mode, segment_loss_tokens=0,
+    apply_lemo(model, LeMoConfig(keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], mlp_mode=mlp_mode, segment_loss_tokens=0,
                                  movement_kernel=movement, **cfg))
     with attention_context("sdpa-math"):
         out = model(input_ids=ids, labels=ids)
@@ -254,7 +254,7 @@ def test_triton_movement_padded_and_packed_batches(mode):
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         model = tiny_lora_model("llama3-tiny")
-        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, segment_loss_tokens=0, movement_kernel=movement))
+        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement))
         with attention_context("sdpa-math"):
             loss = model(**batch).loss
             loss.backward()
@@ -278,7 +278,7 @@ def test_peft_applied_after_lemo_with_triton_movement():
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         base = build_model("llama3-tiny", dtype=torch.float32)
-        apply_lemo(base, LeMoConfig(keep_ratio=0.5, block_size=16, segment_loss_tokens=0, movement_kernel=movement))
+        apply_lemo(base, LeMoConfig(keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement))
         model = apply_lora(base)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -302,7 +302,7 @@ def test_triton_movement_saves_fewer_bytes(name, mlp_mode, recompute):
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         model = tiny_lora_model(name)
-        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, mlp_mode=mlp_mode, segment_loss_tokens=0,
+        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], mlp_mode=mlp_mode, segment_loss_tokens=0,
                                      movement_kernel=movement, lora_norm_recompute=recompute))
         with attention_context("sdpa-flash"), count_saved_bytes(model) as saved:
             model(input_ids=ids, labels=ids)

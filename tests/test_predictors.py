@@ -66,8 +66,9 @@ def _sink_batches(n, seed, b=2, length=256, heavy_blocks=3, fill=4):
 @pytest.fixture(scope="module")
 def sink():
     model = _sink_model()
-    untrained = build_predictors(model, block_size=BS, widths=(64, 32), seed=0)
-    trained = train_predictors(model, _sink_batches(40, 1), block_size=BS, widths=(64, 32), lr=1e-2, seed=0)
+    untrained = build_predictors(model, sparse_layers=[1, 2], block_size=BS, widths=(64, 32), seed=0)
+    trained = train_predictors(model, _sink_batches(40, 1), sparse_layers=[1, 2], block_size=BS, widths=(64, 32), lr=1e-2,
+                               seed=0)
     evals = _sink_batches(8, 99)
     return model, untrained, trained, evals
 
@@ -245,7 +246,7 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
     with pytest.raises(ValueError, match="another model.*num_kv_heads.*lemo train-predictors"):
         load_scorer(out, build_model("llama3-tiny", dtype=torch.float32, seed=0))
     with pytest.raises(ValueError, match="block_size"):
-        apply_lemo(_sink_model(), LeMoConfig(shared_selection=False, loss_tokens="all", scorer="predictor", predictor_path=str(out), block_size=64))
+        apply_lemo(_sink_model(), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, scorer="predictor", predictor_path=str(out), block_size=64))
     with pytest.raises(ValueError, match="holds no predictors"):
         PredictorSet.load(tmp_path)
 
@@ -253,8 +254,8 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
 # ----------------------------------------------------------------------------- inside apply_lemo
 def test_apply_lemo_with_predictor_scorer(tmp_path):
     model = tiny_lora_model("llama2-tiny")
-    path = str(build_predictors(model, block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", scorer="predictor", predictor_path=path, block_size=BS, keep_ratio=0.4,
+    path = str(build_predictors(model, sparse_layers=[1, 2], block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
+    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, scorer="predictor", predictor_path=path, block_size=BS, keep_ratio=0.4,
                                  segment_loss_tokens=0))
     lm = unwrap(model)
     adapter = get_adapter(lm.config.model_type)
@@ -288,7 +289,7 @@ def test_threshold_tuning_reaches_target_recall(sink):
     scores = collect_scores(model, trained, evals)
     thresholds, rows = tune_thresholds(scores, keep_ratio=0.4, target_recall=0.9)
     assert sorted(thresholds) == trained.layers and all(math.isfinite(t) and t >= 0 for t in thresholds.values())
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", selection="threshold", threshold=thresholds)
+    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, selection="threshold", threshold=thresholds)
     for layer, entries in scores.items():
         hit = total = kept = valid_n = 0
         for pred, oracle, valid in entries:
@@ -313,12 +314,13 @@ def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(commands, "_corpus_batches", fake_corpus)
     out = tmp_path / "pred"
-    assert cli_main(["train-predictors", "--model", "llama2-tiny", "--out", str(out), "--steps", "0",
+    assert cli_main(["train-predictors", "--model", "llama2-tiny", "--out", str(out), "--steps", "0", "--sparse-layers", "1,2",
                      "--block-size", str(BS), "--widths", "16,8"]) == 0
     assert json.loads((out / "predictors.json").read_text())["training"]["steps"] == 0
     assert cli_main(["train-predictors", "--model", "llama2-tiny", "--corpus", "x", "--out", str(out), "--steps", "4",
+                     "--sparse-layers", "1,2",
                      "--context", "128", "--block-size", str(BS), "--widths", "16,8", "--prune-every", "2"]) == 0
-    csv_path = tmp_path / "recall.csv"
+    csv_path = tmp_path / "new" / "recall.csv"  # a folder that does not exist yet
     assert cli_main(["eval-predictors", "--model", "llama2-tiny", "--predictors", str(out), "--corpus", "x",
                      "--out", str(csv_path), "--context", "128", "--batches", "2", "--tune-thresholds"]) == 0
     import pandas as pd
@@ -344,7 +346,7 @@ def test_a_shared_selection_needs_a_predictor_for_its_first_sparse_layer_only(tm
     path = str(build_predictors(model, sparse_layers=[1], block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
     common = dict(scorer="predictor", predictor_path=path, block_size=BS, sparse_layers=[1, 2], segment_loss_tokens=0)
     with pytest.raises(ValueError, match=r"not sparse layers \[2\]"):
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", **common))
+        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, **common))
     apply_lemo(model, LeMoConfig(shared_selection=True, **common))
     ids = torch.randint(0, 512, (1, 128))
     model(input_ids=ids, labels=ids).loss.backward()

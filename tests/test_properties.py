@@ -113,7 +113,7 @@ def test_sparse_layers_match_the_masked_dense_reference(model, layout, block_siz
     if pos is not None:
         batch["position_ids"] = pos
     lemo_model, reference = copy.deepcopy(model), copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=ratio, block_size=block_size, sparse_layers=sorted(schedule), mlp_mode="token",
+    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=ratio, block_size=block_size, sparse_layers=sorted(schedule), mlp_mode="token",
                      segment_loss_tokens=0, selection="topk" if threshold is None else "threshold",
                      threshold=1.0 if threshold is None else threshold)
     apply_lemo(lemo_model, cfg)

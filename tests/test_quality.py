@@ -16,7 +16,7 @@ from lemo.models.adapters import get_adapter, unwrap
 from tests.helpers import tiny_lora_model
 from tests.test_accuracy import _CharTokenizer
 
-PER_LAYER = {"shared_selection": False, "loss_tokens": "all"}  # the paper's selection and loss
+PER_LAYER = {"shared_selection": False, "loss_tokens": "all", "sparse_first": None}  # the paper's selection and loss
 
 
 def test_grad_cosines_overall_and_per_layer():
@@ -89,7 +89,7 @@ def test_shared_selection_and_kept_loss():
     ids = torch.randint(0, 512, (1, 160))
     model = copy.deepcopy(base)
     apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, loss_tokens="kept",
-                                 segment_loss_tokens=64))
+                                 segment_loss_tokens=64, sparse_layers=[1, 2]))
     loss = model(input_ids=ids, labels=ids).loss
     sels = list(lemo_state(model).selections.values())
     assert len(sels) > 1 and all(s is sels[0] for s in sels)
@@ -102,12 +102,13 @@ def test_shared_selection_and_kept_loss():
     from lemo.apply import remove_lemo
 
     remove_lemo(reference)
-    apply_lemo(reference, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, segment_loss_tokens=64))
+    apply_lemo(reference, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, segment_loss_tokens=64,
+                                     sparse_layers=[1, 2]))
     ref = reference(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(loss, ref)
     plain = copy.deepcopy(base)  # the plain (unsegmented) loss masks the same positions
     apply_lemo(plain, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, loss_tokens="kept",
-                                 segment_loss_tokens=0))
+                                 segment_loss_tokens=0, sparse_layers=[1, 2]))
     out = plain(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.loss, ref)
     assert out.logits.shape == (1, 160, 512)
@@ -115,9 +116,11 @@ def test_shared_selection_and_kept_loss():
 
 def test_sparse_first_schedule():
     assert LeMoConfig(sparse_first=2).resolve_sparse_layers(30) == list(range(2, 29))
-    assert LeMoConfig().resolve_sparse_layers(30) == list(range(14, 29))
-    with pytest.raises(ValueError, match="sparse_first"):
-        LeMoConfig(sparse_first=2, sparse_layers=[3])
+    assert LeMoConfig().resolve_sparse_layers(30) == list(range(2, 29))  # the default: the measured winner
+    assert LeMoConfig.paper().resolve_sparse_layers(30) == list(range(14, 29))  # the artifact's n//2-1 .. n-2
+    assert LeMoConfig(sparse_first=2, sparse_layers=[3]).resolve_sparse_layers(30) == [3]  # explicit layers win
+    with pytest.raises(ValueError, match="sparse_first must be an int >= 0"):
+        LeMoConfig(sparse_first=-1)
 
 
 @pytest.mark.parametrize("target", [0, 3, 7])
@@ -226,6 +229,17 @@ def test_default_is_the_measured_best_and_paper_is_a_preset():
     assert (paper.mlp_mode, paper.shared_selection, paper.loss_tokens, paper.keep_ratio) == ("channel", False, "all", 0.4)
     assert LeMoConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
     assert LeMoConfig.from_json(paper.to_json()) == paper
+    # the default is exactly the committed winner: the variant whose SmolLM2 runs met the goal
+    from pathlib import Path
+
+    from lemo.accuracy.experiment import load_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    front = pd.read_csv(root / "results/accuracy/smollm2/frontier.csv").set_index("label")
+    winners = front.index[front.meets_goal.fillna(False).astype(bool)]
+    assert "lemo-shared-kept-deep40" in winners
+    options = load_experiment(root / "workflows/accuracy/smollm2.yaml").methods["lemo-shared-kept-deep40"]["lemo"]
+    assert LeMoConfig(**options) == default
 
 
 def test_a_screen_of_new_variants_updates_the_committed_table():

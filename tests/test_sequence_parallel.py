@@ -25,7 +25,7 @@ def _ids():
 
 
 def _config(mlp_mode):
-    return LeMoConfig(shared_selection=False, loss_tokens="all", keep_ratio=0.4, block_size=BLOCK, segment_loss_tokens=64, mlp_mode=mlp_mode)
+    return LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=BLOCK, segment_loss_tokens=64, mlp_mode=mlp_mode)
 
 
 def _sp_worker(rank, world, name, mlp_mode, checkpointing):

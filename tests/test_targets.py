@@ -15,7 +15,7 @@ def _row(rows, start):
 
 def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
     rows = target_rows(RESULTS)
-    best = 0.0
+    runs = []
     for name in SWEEPS:  # independent of strongest_ratios: per sweep and commit, min over LoRA rows / each LeMo
         csv = RESULTS / name / "sweep.csv"
         if not csv.exists():
@@ -27,7 +27,9 @@ def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
             lora = grp[grp.method_name.isin(["lora", "lora-liger"])].value
             lemo = grp[grp.method.str.startswith("lemo")].value
             if len(lora) and len(lemo):
-                best = max(best, lora.min() / lemo.min())
+                runs.append((lora.min(), lora.min() / lemo.min()))
+    strongest = min(base for base, _ in runs)  # only runs holding the strongest baseline (within 5%) count
+    best = max(ratio for base, ratio in runs if base <= 1.05 * strongest)
     assert _row(rows, "peak memory, 8K").measured.startswith(f"{best:.3f}x")
     # a LeMo point measured by another commit than LoRA's is not paired with it
     frame = pd.read_csv(RESULTS / "h200-kernels/sweep.csv")
@@ -64,8 +66,8 @@ def test_a_run_without_the_strongest_baseline_does_not_meet_the_target(tmp_path)
         (tmp_path / name).mkdir()
         frame.to_csv(tmp_path / name / "sweep.csv", index=False)
     row = _row(target_rows(tmp_path), "step time, 64K")
-    assert row.measured.startswith("1.615x") and "NOT against the strongest measured: lora (sdpa-cudnn) 15.00" in \
-        row.measured and row.met == "no"
+    # the flash-only run's 1.615x is not reported: only runs holding the strongest baseline (cuDNN LoRA) count
+    assert row.measured.startswith("1.250x") and row.met == "no" and row.source.endswith("h200/sweep.csv")
     strong.to_csv(tmp_path / "h200-target64k" / "sweep.csv", index=False)  # the same run with cuDNN LoRA in it
     row = _row(target_rows(tmp_path), "step time, 64K")
     assert row.measured.startswith("1.250x") and "NOT" not in row.measured and row.met == "no"
@@ -78,11 +80,23 @@ def test_accuracy_targets_read_the_extended_length():
     delta = 100 * (ppl["lemo-token"] / ppl["lora"] - 1)
     row = _row(rows, "perplexity")
     assert f"lemo-token {delta:+.1f}%" in row.measured and row.met == ("yes" if delta <= 2 else "no")
-    recall = pd.read_csv(RESULTS / "accuracy/small/predictors/recall.csv")
-    best = recall[recall.layer.astype(str) == "all"].recall.max()
-    assert f"{best:.1%}" in _row(rows, "predictor recall").measured
+    for folder, model in [("small", "17M toy"), ("smollm2", "SmolLM2")]:
+        recall = pd.read_csv(RESULTS / f"accuracy/{folder}/predictors/recall.csv")
+        best = recall[recall.layer.astype(str) == "all"].recall.max()
+        row = _row(rows, f"predictor recall of the oracle's kept blocks ({model}")
+        assert f"{best:.1%}" in row.measured and row.met == ("yes" if best >= 0.97 else "no")
 
 
 def test_missing_results_say_not_measured(tmp_path):
     text = targets_table(tmp_path)
     assert text.count("not measured") >= 6 and "yes" not in text
+
+
+def test_real_model_quality_row_reads_the_frontier_and_flags_uninformative_retrieval():
+    front = pd.read_csv(RESULTS / "accuracy/smollm2/frontier.csv").set_index("label")
+    row = _row(target_rows(RESULTS), "quality after 4x extension, real model")
+    best = front.loc["lemo-shared-kept-deep40"]
+    assert f"lemo-shared-kept-deep40 {best.delta_pct:+.1f}% (2 seeds) at {best.memory_ratio:.2f}x" in row.measured
+    met = (best.delta_pct <= 2) and (best.memory_ratio >= 1.8)
+    assert (front.acc_pts.fillna(0) == 0).all()  # the committed runs: no method retrieves at 16K-32K, LoRA included
+    assert row.met == ("perplexity and memory yes; retrieval not tested (LoRA at 0)" if met else "no")

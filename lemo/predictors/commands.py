@@ -82,6 +82,7 @@ def eval_command(args) -> int:
         thresholds, tuned = tune_thresholds(tune_scores, args.keep_ratio, args.target_recall, args.metric)
         rows += recall_rows(scores, args.keep_ratio, thresholds)
         path = Path(args.thresholds_out or Path(args.out).with_suffix(".thresholds.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)  # written before the recall CSV beside it
         path.write_text(json.dumps({"threshold": {str(k): v for k, v in thresholds.items()}, "tuning_rows": tuned,
                                     "keep_ratio": args.keep_ratio, "target_recall": args.target_recall,
                                     "metric": args.metric, "tuned_on_seed": args.seed + 2,
