@@ -2,7 +2,7 @@
 
 Columns: the point (model, method, attention, gradient_checkpointing, context, batch_size), status
 and reason, metric, value, unit, and provenance (gpu, driver, versions, commit, timestamp), plus the
-method's full configuration as JSON.
+method's options as given (JSON) and as resolved when it ran (method_description: defaults filled in).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def records_to_frame(paths) -> pd.DataFrame:
             base = {c: point[c] for c in POINT_COLS}
             base.update(status=rec["status"], reason=rec.get("reason"), attention_label=rec.get("attention_label"),
                         rope_factor=rec.get("rope_factor"), warmup=point["warmup"], steps=point["steps"],
-                        dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True))
+                        dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True),
+                        method_description=rec.get("method_description"))  # the options resolved when it ran
             base.update({c: prov.get(c) for c in PROV_COLS})
             metrics = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and v is not None}
         except (ValueError, KeyError, TypeError, AttributeError) as err:

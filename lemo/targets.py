@@ -16,10 +16,15 @@ import pandas as pd
 
 from .kernel_report import SPECS, _ceilings, _load
 from .report import BUDGETS, TARGETS, largest_memory_view, target_points
-from .results import wide
+from .results import strongest_ratios, wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
-SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k", "h200-frontier"]
+SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k", "h200-frontier", "h200-crossover"]
+# The options that make a LeMo row "the default method" (kernels and scorer aside: they change speed, not
+# which tokens train).
+METHOD_FIELDS = ("keep_ratio", "selection", "threshold", "sparse_layers", "sparse_first", "block_size",
+                 "keep_first_block", "keep_last_block", "mlp_mode", "eliminated", "shared_selection", "loss_tokens",
+                 "mlp_keep_channels", "mlp_channel_all_layers", "min_sparse_tokens")
 # Baseline values of one setup differ this much between runs at most (noise); a run whose strongest
 # LoRA-family value is further above another run's lacks that stronger baseline.
 RUN_TO_RUN = 0.05
@@ -58,6 +63,47 @@ def ratio_target(results: Path, target: tuple) -> Row:
     text = (f"{r.ratio:.3f}x: {r.base_method} ({r.base_attention}) {r.base:.2f}, {r.method} ({r.attention}) "
             f"{r.value:.2f}, one run with {r.baselines}; vs plain LoRA on {r.attention}: {plain}")
     return Row(label, goal_text, text, _mark(r.ratio >= goal), str(csv))
+
+
+def _is_default(description: str) -> bool:
+    """A record's resolved LeMo options (its method description, "LoRA + LeMo {json}", written when it ran)
+    hold today's default in every METHOD_FIELDS field; a record older than one of those fields is not."""
+    from lemo import LeMoConfig
+
+    if not isinstance(description, str) or "LeMo {" not in description:
+        return False
+    try:
+        resolved = json.loads(description[description.index("{"):].split(" + ")[0])
+    except ValueError:
+        return False
+    default = LeMoConfig()
+    return all(f in resolved and resolved[f] == getattr(default, f) for f in METHOD_FIELDS)
+
+
+def never_slower_target(results: Path) -> Row:
+    """The default LeMo's step time against the fastest LoRA-family row of the same run, at every point
+    any committed sweep measured it: the slowest of those ratios."""
+    label = "never slower than LoRA: the default LeMoConfig at every measured point"
+    goal = ">= 1.00x step time vs the fastest LoRA-family row of the run"
+    found = []
+    for name in SWEEPS:
+        csv = results / name / "sweep.csv"
+        if not csv.exists():
+            continue
+        frame = pd.read_csv(csv)
+        if "method_description" not in frame:  # aggregated before the column existed: re-run lemo aggregate
+            continue
+        default = {m for m, d in frame.groupby("method").method_description.first().items() if _is_default(d)}
+        r = strongest_ratios(frame, "step_s")
+        found += [(row, name) for row in r[r.method.isin(default)].itertuples()]
+    if not found:
+        return Row(label, goal, "", _mark(None), "")
+    worst, where = min(found, key=lambda pair: pair[0].ratio)
+    text = (f"slowest {worst.ratio:.2f}x over {len(found)} points in {len({n for _, n in found})} sweeps: "
+            f"{worst.model} {worst.context // 1024}K {'with' if worst.gradient_checkpointing else 'without'} "
+            f"recomputation, {worst.method} ({worst.attention}) {worst.value:.3f} s vs {worst.base_method} "
+            f"({worst.base_attention}) {worst.base:.3f} s in {where}")
+    return Row(label, goal, text, _mark(worst.ratio >= 1.0), ", ".join(sorted({f"results/{n}/sweep.csv" for _, n in found})))
 
 
 def budget_target(results: Path) -> Row:
@@ -199,6 +245,7 @@ def target_rows(results: Path) -> list[Row]:
     results = Path(results)
     return [
         *(ratio_target(results, t) for t in TARGETS),
+        never_slower_target(results),
         budget_target(results),
         *quality_rows(results / "accuracy" / "smollm2"),
         perplexity_target(results / "accuracy" / "small" / "accuracy.csv"),

@@ -3,10 +3,13 @@ import pytest
 from lemo import LeMoConfig
 
 
-def test_default_schedule_matches_the_artifact():
-    # Llama-2-7B: layers 15-30 sparse, 0-14 and 31 dense
-    assert LeMoConfig().resolve_sparse_layers(32) == list(range(15, 31))
-    assert LeMoConfig().resolve_sparse_layers(4) == [1, 2]
+def test_paper_schedule_matches_the_artifact_and_the_default_starts_at_layer_2():
+    # the artifact on Llama-2-7B: layers 15-30 sparse, 0-14 and 31 dense
+    assert LeMoConfig.paper().resolve_sparse_layers(32) == list(range(15, 31))
+    assert LeMoConfig.paper().resolve_sparse_layers(4) == [1, 2]
+    # the default (the SmolLM2 winner): every layer but the first two and the last
+    assert LeMoConfig().resolve_sparse_layers(32) == list(range(2, 31))
+    assert LeMoConfig().resolve_sparse_layers(4) == [2]
 
 
 def test_json_round_trip_keeps_every_field():

@@ -1,9 +1,10 @@
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from lemo.results import ratios, strongest_ratios
-from lemo.targets import SWEEPS, target_rows, targets_table
+from lemo.targets import METHOD_FIELDS, SWEEPS, target_rows, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -100,3 +101,22 @@ def test_real_model_quality_row_reads_the_frontier_and_flags_uninformative_retri
     met = (best.delta_pct <= 2) and (best.memory_ratio >= 1.8)
     assert (front.acc_pts.fillna(0) == 0).all()  # the committed runs: no method retrieves at 16K-32K, LoRA included
     assert row.met == ("perplexity and memory yes; retrieval not tested (LoRA at 0)" if met else "no")
+
+
+def test_never_slower_reads_the_default_from_records_resolved_options(tmp_path):
+    from lemo import LeMoConfig
+
+    today = json.dumps({f: getattr(LeMoConfig(), f) for f in METHOD_FIELDS})
+    old = json.dumps({"keep_ratio": 0.4, "mlp_mode": "token"})  # a record older than the shared selection
+    rows = [("lora", "lora", 1.0, "LoRA"), ("lemo-a", "lemo", 0.8, f"LoRA + LeMo {today}"),
+            ("lemo-old", "lemo", 2.0, f"LoRA + LeMo {old}")]
+    frame = pd.DataFrame([dict(model="m", method=m, method_name=n, attention="sdpa-flash", gradient_checkpointing=False,
+                               context=4096, batch_size=1, status="ok", metric="step_s", value=v, git_commit="c",
+                               method_description=d, config="{}") for m, n, v, d in rows])
+    (tmp_path / "h200").mkdir()
+    frame.to_csv(tmp_path / "h200" / "sweep.csv", index=False)
+    row = _row(target_rows(tmp_path), "never slower")
+    assert row.measured.startswith("slowest 1.25x over 1 points") and row.met == "yes"  # lemo-old is not the default
+    frame.loc[frame.method == "lemo-a", "value"] = 1.1
+    frame.to_csv(tmp_path / "h200" / "sweep.csv", index=False)
+    assert _row(target_rows(tmp_path), "never slower").met == "no"
