@@ -115,13 +115,14 @@ def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
     f = front.dropna(subset=["memory_ratio"])
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in f.itertuples():
+        seeds = f"{int(r.seeds)} seeds" if r.seeds > 1 else "1 seed"
         ax.errorbar(r.memory_ratio, r.delta_pct, yerr=None if pd.isna(r.delta_spread) else r.delta_spread,
-                    fmt="o", color=method_color(r.label), capsize=3)
-        ax.annotate(r.label, (r.memory_ratio, r.delta_pct), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for p in paper:
-        ax.scatter(p["memory_ratio"], p["ppl_delta_pct"], marker="*", s=120, color="black")
-        ax.annotate(p["label"], (p["memory_ratio"], p["ppl_delta_pct"]), textcoords="offset points", xytext=(4, -10),
-                    fontsize=7)
+                    fmt="o", color=method_color(r.label), capsize=3, label=f"{r.label} ({seeds})")
+    for i, p in enumerate(paper):  # labelled beside the star, left of it: the variants are named in the legend
+        ax.scatter(p["memory_ratio"], p["ppl_delta_pct"], marker="*", s=120, color="black",
+                   label="the paper (Llama-2-7B, A800)" if i == 0 else None)
+        ax.annotate(p["label"], (p["memory_ratio"], p["ppl_delta_pct"]), textcoords="offset points", xytext=(-6, 0),
+                    ha="right", va="center", fontsize=7)
     ax.axhline(GOALS["ppl_delta_pct"], color="grey", ls="--", lw=0.8)
     ax.axvline(GOALS["memory_ratio"], color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=10)  # the paper's schedule sits an order of magnitude above the rest
@@ -132,6 +133,7 @@ def frontier_figure(front: pd.DataFrame, out: Path, paper: list[dict]) -> None:
     ax.set_title("Perplexity delta after 4x extension vs memory saving\n(SmolLM2-135M; stars: the paper, Llama-2-7B)",
                  fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)
