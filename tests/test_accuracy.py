@@ -181,7 +181,7 @@ def test_real_checkpoint_path_end_to_end(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lemo.accuracy.corpus import train_tokenizer
-    from lemo.cli import main
+    from lemo.bench.cli import main
 
     src = tmp_path / "texts"
     src.mkdir()

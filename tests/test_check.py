@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from lemo.check import Check, load_thresholds, read_results, run_checks
-from lemo.cli import main
-from lemo.sweep import Point
+from lemo.bench.check import Check, load_thresholds, read_results, run_checks
+from lemo.bench.cli import main
+from lemo.bench.sweep import Point
 
 METRIC = "saved_activation_gib"
 CHECK = Check("saves", METRIC, "lemo", min=1.5, max=3.0)

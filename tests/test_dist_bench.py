@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lemo.distributed.points import dist_points, find_point
-from lemo.sweep import load_sweep
+from lemo.bench.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = "workflows/sweeps/ci-multigpu.yaml"

@@ -107,7 +107,7 @@ def test_frozen_is_closer_to_dense_than_skip():
 def test_frozen_saves_nothing_of_eliminated_tokens():
     """Saved-for-backward bytes of frozen equal those of plain elimination (same kept tokens), but for
     the eliminated tokens' index that adds their constant update to the residual stream."""
-    from lemo.measure import saved_activation_bytes
+    from lemo.bench.measure import saved_activation_bytes
 
     torch.manual_seed(0)
     base = tiny_lora_model("llama2-tiny")

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from lemo import LeMoConfig
 from lemo.accuracy.experiment import load_experiment
-from lemo.bench import describe
-from lemo.check import load_thresholds, run_checks
-from lemo.cli import main
-from lemo.sweep import expand, validate_sweep
+from lemo.bench.bench import describe
+from lemo.bench.check import load_thresholds, run_checks
+from lemo.bench.cli import main
+from lemo.bench.sweep import expand, validate_sweep
 from tests.test_check import GOOD, _frame
 from tests.test_sweep_bench import SWEEP
 

@@ -8,7 +8,7 @@ import torch
 from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.kernels import movement as mv
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

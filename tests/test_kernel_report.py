@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from lemo.kernel_report import kernel_report
+from lemo.bench.kernel_report import kernel_report
 
 
 def test_kernel_report_tables_and_figures(tmp_path):

@@ -8,7 +8,7 @@ from transformers.models.llama import modeling_llama
 
 from baselines.liger import LigerOptions, apply_liger, remove_liger
 from lemo import LeMoConfig, apply_lemo, remove_lemo
-from lemo.methods import get_method
+from lemo.bench.methods import get_method
 from lemo.models.registry import build_model
 
 from .helpers import assert_grads_close, lora_grads, tiny_lora_model
@@ -117,7 +117,7 @@ def test_lemo_method_with_liger_option_sets_up_and_tears_down(tmp_path):
 def test_liger_refuses_other_families_and_bad_options():
     with pytest.raises(ValueError, match="model types"):
         apply_liger(build_model("qwen2.5-tiny", dtype=torch.float32))
-    from lemo.methods import liger_options
+    from lemo.bench.methods import liger_options
 
     assert liger_options({}) is None and liger_options({"liger": True}) == LigerOptions()
     with pytest.raises(TypeError):
@@ -127,8 +127,8 @@ def test_liger_refuses_other_families_and_bad_options():
 def test_lora_liger_with_recomputation_and_offload_runs_in_the_harness(tmp_path):
     import json
 
-    from lemo.bench import JobRunner
-    from lemo.sweep import jobs
+    from lemo.bench.bench import JobRunner
+    from lemo.bench.sweep import jobs
 
     sweep = {"name": "t", "device": "cpu", "dtype": "float32", "warmup": 0, "steps": 1,
              "lora": {"adapter_dtype": "model"},

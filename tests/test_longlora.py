@@ -15,7 +15,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from baselines import longlora
 from baselines.lora import apply_lora
-from lemo.methods import get_method
+from lemo.bench.methods import get_method
 from lemo.models.registry import build_model
 from tests.helpers import assert_grads_close, lora_grads
 

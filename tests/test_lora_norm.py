@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lemo import LeMoConfig, apply_lemo, lemo_state, remove_lemo
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import get_adapter, unwrap
 from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-import lemo.bench as bench
-from lemo.cli import main
-from lemo.maxctx import Probe, find_search, run_search, search_max_context, searches
-from lemo.maxctx_report import results_frame, table
+import lemo.bench.bench as bench
+from lemo.bench.cli import main
+from lemo.bench.maxctx import Probe, find_search, run_search, search_max_context, searches
+from lemo.bench.maxctx_report import results_frame, table
 
 K = 1024
 

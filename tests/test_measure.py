@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from lemo.measure import count_saved_bytes, saved_activation_bytes, time_steps
+from lemo.bench.measure import count_saved_bytes, saved_activation_bytes, time_steps
 from tests.helpers import tiny_lora_model
 
 
@@ -56,7 +56,7 @@ def test_time_steps_reports_median_and_throughput_on_cpu():
 
 def _checkpointed_lemo_model(movement="torch"):
     from lemo import LeMoConfig, apply_lemo
-    from lemo.bench import _set_checkpointing
+    from lemo.bench.bench import _set_checkpointing
 
     model = apply_lemo(tiny_lora_model("llama2-tiny"), LeMoConfig(block_size=8, keep_ratio=0.5,
                                                                   movement_kernel=movement))
@@ -67,7 +67,7 @@ def _checkpointed_lemo_model(movement="torch"):
 def test_offloading_moves_every_checkpointed_layer_input():
     """The premise of activation offload: non-reentrant checkpointing saves each layer's input through
     the saved-tensors hooks that `offloading` installs (were it held by reference, it would stay on the GPU)."""
-    from lemo.measure import offloading
+    from lemo.bench.measure import offloading
 
     assert isinstance(offloading(True, torch.device("cpu")), torch.autograd.graph.saved_tensors_hooks)
     model = _checkpointed_lemo_model()
@@ -115,7 +115,7 @@ def test_saved_tensors_copied_away_give_the_same_gradients(movement):
 
 
 def test_time_steps_offloads_every_step(monkeypatch):
-    import lemo.measure as measure
+    import lemo.bench.measure as measure
 
     entered = []
     real = measure.offloading

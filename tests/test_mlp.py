@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from lemo.mlp import ChannelPrunedMLP, channel_pruned_forward, channel_scores
 
 

@@ -8,7 +8,7 @@ from baselines.attention import attention_context
 from baselines.lora import apply_lora
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.kernels import movement as mv
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import unwrap
 from lemo.models.registry import build_model
 from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lemo import LeMoConfig, apply_lemo, lemo_state
-from lemo.cli import main as cli_main
+from lemo.bench.cli import main as cli_main
 from lemo.kernels.block_scores import block_scores_reference
 from lemo.layout import TokenLayout, make_layout
 from lemo.models.adapters import LayerParts, get_adapter, unwrap

@@ -5,11 +5,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lemo.bench import JobRunner
-from lemo.check import Check, load_thresholds, run_checks
-from lemo.cli import main
-from lemo.results import aggregate
-from lemo.sweep import expand, jobs, load_sweep
+from lemo.bench.bench import JobRunner
+from lemo.bench.check import Check, load_thresholds, run_checks
+from lemo.bench.cli import main
+from lemo.bench.results import aggregate
+from lemo.bench.sweep import expand, jobs, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def test_committed_h200_results_pass_their_thresholds():
 
 
 def test_strongest_lora_check_holds_lemo_to_the_fastest_backend_of_lora():
-    from lemo.results import ratios
+    from lemo.bench.results import ratios
 
     frame = pd.read_csv(ROOT / "results/h200/sweep.csv")
     per_backend = ratios(frame, "step_s", same_run=True)

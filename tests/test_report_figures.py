@@ -3,8 +3,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lemo.figures import plot_all
-from lemo.report import budgets, summary, targets, update_readme
+from lemo.bench.figures import plot_all
+from lemo.bench.report import budgets, summary, targets, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = ROOT / "results/h200/sweep.csv"
@@ -64,9 +64,9 @@ def test_figures_drawn_per_model_with_oom_points(tmp_path):
 
 def test_cpu_sweeps_report_saved_bytes(tmp_path):
     """A CPU sweep has no allocator peaks: the report and figures use saved activation bytes."""
-    from lemo.bench import JobRunner
-    from lemo.results import aggregate
-    from lemo.sweep import jobs, load_sweep
+    from lemo.bench.bench import JobRunner
+    from lemo.bench.results import aggregate
+    from lemo.bench.sweep import jobs, load_sweep
 
     job = jobs(load_sweep(ROOT / "workflows/sweeps/ci.yaml"))[0]
     JobRunner(job, tmp_path / "rec", log=lambda *_: None).run()

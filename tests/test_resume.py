@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-import lemo.bench as bench
-from lemo.sweep import jobs
+import lemo.bench.bench as bench
+from lemo.bench.sweep import jobs
 from tests.test_sweep_bench import SWEEP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,8 +19,8 @@ KILLED_AT_THIRD_POINT = """
 import os, signal, sys
 from pathlib import Path
 import yaml
-import lemo.bench as bench
-from lemo.sweep import jobs
+import lemo.bench.bench as bench
+from lemo.bench.sweep import jobs
 real, calls = bench.time_steps, []
 def dying(*args, **kwargs):
     calls.append(1)

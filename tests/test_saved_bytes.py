@@ -5,7 +5,7 @@ import torch
 
 from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import get_adapter, unwrap
 from tests.helpers import tiny_lora_model
 

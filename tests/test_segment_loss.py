@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lemo.measure import count_saved_bytes
+from lemo.bench.measure import count_saved_bytes
 from lemo.segment_loss import segmented_lm_loss
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import yaml
 
-import lemo.bench as bench
-from lemo.results import aggregate, ratios
-from lemo.sweep import expand, find_job, jobs, validate_sweep
+import lemo.bench.bench as bench
+from lemo.bench.results import aggregate, ratios
+from lemo.bench.sweep import expand, find_job, jobs, validate_sweep
 
 SWEEP = {
     "name": "t", "device": "cpu", "dtype": "float32", "warmup": 1, "steps": 2,
@@ -140,7 +140,7 @@ def test_a_failed_point_skips_its_longer_contexts_naming_the_failure(tmp_path, m
 
 
 def test_a_refused_lemo_setup_leaves_no_lora_in_the_model(tmp_path):
-    from lemo.methods import get_method
+    from lemo.bench.methods import get_method
     from lemo.models.registry import build_model
 
     base = build_model("llama2-tiny", dtype=torch.float32)
@@ -172,7 +172,7 @@ def test_offloaded_method_runs_and_says_so(tmp_path, monkeypatch):
 
 
 def test_sweep_files_fail_at_load_naming_the_file(tmp_path):
-    from lemo.sweep import load_sweep
+    from lemo.bench.sweep import load_sweep
 
     path = tmp_path / "s.yaml"
     path.write_text("name: [unclosed\n")
@@ -187,7 +187,7 @@ def test_sweep_files_fail_at_load_naming_the_file(tmp_path):
 
 def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path):
     from lemo.accuracy.experiment import load_experiment
-    from lemo.sweep import load_sweep
+    from lemo.bench.sweep import load_sweep
 
     path = tmp_path / "s.yaml"
     text = yaml.safe_dump(SWEEP).replace("mlp_mode: token", "mlp_mode: token\n      mlp_mode: channel", 1)
@@ -218,7 +218,7 @@ def test_records_are_written_world_readable(tmp_path):
 
 
 def test_aggregate_skips_leftover_temporary_files_and_names_a_broken_record(tmp_path):
-    from lemo.cli import main
+    from lemo.bench.cli import main
 
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
     sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], methods=["lora"])
@@ -232,7 +232,7 @@ def test_aggregate_skips_leftover_temporary_files_and_names_a_broken_record(tmp_
 
 
 def test_a_cuda_sweep_on_a_machine_without_cuda_records_its_points_as_skipped(tmp_path):
-    from lemo.cli import main
+    from lemo.bench.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lemo.results import ratios, strongest_ratios
-from lemo.targets import METHOD_FIELDS, SWEEPS, target_rows, targets_table
+from lemo.bench.results import ratios, strongest_ratios
+from lemo.bench.targets import METHOD_FIELDS, SWEEPS, target_rows, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

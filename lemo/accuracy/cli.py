@@ -19,7 +19,7 @@ CORPUS_OPTIONS = ("vocab_size", "heldout_fraction", "seed", "min_long", "sources
 
 def corpus_options(path: Path) -> dict:
     """The `corpus` section of an experiment YAML (a file holding only that section will do)."""
-    from ..yamlfile import load_yaml
+    from ..bench.yamlfile import load_yaml
 
     data = load_yaml(path) or {}
     opts = data.get("corpus", {}) or {}

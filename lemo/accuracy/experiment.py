@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import check_types, from_fields
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
-from ..yamlfile import load_yaml
+from ..bench.yamlfile import load_yaml
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _fidelity(data, where: str) -> dict | None:
 
 def load_experiment(path: Path) -> Experiment:
     """Every section and key checked (unknown keys, wrong types, method options that do not build)."""
-    from ..sweep import method_options
+    from ..bench.sweep import method_options
 
     data = load_yaml(path)
     if not isinstance(data, dict):

@@ -216,7 +216,7 @@ def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, varian
     keeps the committed ones; its own dense reference rows are dropped where the file has them)."""
     from baselines.lora import apply_lora
 
-    from ..provenance import provenance
+    from ..bench.provenance import provenance
     from .corpus import sample_windows
     from .finetune import load_extended
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods import get_method
+from ..bench.methods import get_method
 from .corpus import batches, long_documents
 from .passkey import passkey_accuracy, retrieval_grid
 from .perplexity import perplexity
@@ -122,7 +122,7 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
              device: str = "cuda", save_trained: Path | None = None) -> list[dict]:
     """Fine-tune with method `options["method"]`, write loss curve + eval rows under out_dir/label (and
     the trained parameters to save_trained/label.pt)."""
-    from ..provenance import provenance
+    from ..bench.provenance import provenance
 
     if cfg.steps < 1:
         raise ValueError(f"fine-tuning needs steps >= 1, got {cfg.steps}; `lemo eval-base` evaluates without training")
@@ -180,7 +180,7 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
 
 def evaluate_base(model_dir: Path, corpus_dir: Path, out_dir: Path, cfg: FinetuneConfig, device: str = "cuda"):
     """The pretrained model before fine-tuning: as saved, and with RoPE scaled but not fine-tuned."""
-    from ..provenance import provenance
+    from ..bench.provenance import provenance
 
     device = torch.device(device)
     rows = []

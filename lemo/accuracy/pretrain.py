@@ -80,7 +80,7 @@ def heldout_loss(model, windows: torch.Tensor, batch_size: int, device) -> float
 def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str = "cuda") -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ..provenance import provenance
+    from ..bench.provenance import provenance
 
     device = torch.device(device)
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)

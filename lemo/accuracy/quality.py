@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..figures import method_color
+from ..bench.figures import method_color
 from .fidelity import summarize
 
 BASE_LABELS = ("pretrained", "pretrained+PI")
@@ -228,7 +228,7 @@ def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Pat
     (out / "summary.md").write_text("\n".join(parts))
     written.append(out / "summary.md")
     if readme is not None:
-        from ..report import update_readme
+        from ..bench.report import update_readme
 
         update_readme(readme, f"quality-{out.name}", readme_block(front, table))
         written.append(readme)

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..report import update_readme  # noqa: E402
+from ..bench.report import update_readme  # noqa: E402
 
 # The paper (LeMo, Table: perplexity after context extension, Llama-2-7B), LoRA -> LeMo.
 PAPER = [("PG19", 16384, 6.87, 7.08), ("proof-pile", 16384, 2.57, 2.70)]

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..bench import DTYPES, is_oom, write_record
+from ..bench.bench import DTYPES, is_oom, write_record
 from ..config import LeMoConfig
-from ..methods import get_method
-from ..provenance import provenance
-from ..sweep import load_sweep
+from ..bench.methods import get_method
+from ..bench.provenance import provenance
+from ..bench.sweep import load_sweep
 from .data_parallel import broadcast_parameters, enable_checkpointing, shard_fsdp2, wrap_ddp
 from .points import DistPoint, find_point
 

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def _list_points(args) -> int:
-    from ..sweep import load_sweep
+    from ..bench.sweep import load_sweep
     from .points import dist_points
 
     for p in dist_points(load_sweep(args.sweep)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..sweep import DEFAULTS
+from ..bench.sweep import DEFAULTS
 
 PARALLELISMS = ("ddp", "fsdp2", "sp")
 

@@ -1,4 +1,4 @@
-"""The CLI's `lemo train-predictors` and `lemo eval-predictors` (argument handling lives in lemo.cli)."""
+"""The CLI's `lemo train-predictors` and `lemo eval-predictors` (argument handling lives in lemo.bench.cli)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..results import write_rows
+from ..bench.results import write_rows
 
 
 def load_model(model: str, context: int | None, dtype: str | None = None, seed: int = 0, rope_factor: float = 1.0):
@@ -88,7 +88,7 @@ def eval_command(args) -> int:
                                     "metric": args.metric, "tuned_on_seed": args.seed + 2,
                                     "evaluated_on_seed": args.seed + 1}, indent=1) + "\n")
         print(f"thresholds -> {path}")
-    from ..provenance import provenance
+    from ..bench.provenance import provenance
 
     prov = {k: v for k, v in provenance(next(lm.parameters()).device).items() if not isinstance(v, (dict, list))}
     rows = [{**r, "context": args.context, "batches": args.batches, "batch": args.batch, "split": args.split,

@@ -6,7 +6,7 @@ import sys
 
 from lemo.accuracy.experiment import load_experiment
 from lemo.distributed.points import is_distributed
-from lemo.sweep import jobs, load_sweep
+from lemo.bench.sweep import jobs, load_sweep
 
 wildcard_constraints:
     kernel="[a-z_]+",

@@ -3,7 +3,7 @@
 # so a search cut off by a time limit resumes where it stopped when run again.
 from pathlib import Path
 
-from lemo.maxctx import searches
+from lemo.bench.maxctx import searches
 
 SEARCHES = {s.id: s for s in searches(SWEEP)} if "max_context" in SWEEP else {}
 

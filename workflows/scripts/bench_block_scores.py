@@ -11,8 +11,8 @@ import torch
 import triton
 
 from lemo.kernels.block_scores import block_scores, block_scores_torch
-from lemo.provenance import provenance
-from lemo.results import write_rows
+from lemo.bench.provenance import provenance
+from lemo.bench.results import write_rows
 
 
 def main(out, contexts):

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from lemo.provenance import provenance
-from lemo.results import write_rows
+from lemo.bench.provenance import provenance
+from lemo.bench.results import write_rows
 
 WARMUP, RUNS = 5, 20
 

@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lemo.provenance import provenance
+from lemo.bench.provenance import provenance
 from lemo.segment_loss import segmented_lm_loss
-from lemo.results import write_rows
+from lemo.bench.results import write_rows
 
 D, V, SEGMENT = 4096, 32000, 4096
 CONTEXTS = [8192, 16384, 32768, 65536, 131072]

@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten
 from lemo.kernels import movement as mv
 from lemo.norm import RMSNormFunction
 from lemo.kernels.rows import scatter_add_rows
-from lemo.provenance import provenance
-from lemo.results import write_rows
+from lemo.bench.provenance import provenance
+from lemo.bench.results import write_rows
 
 D, BLOCK, KEEP, EPS, DTYPE, DEVICE = 4096, 64, 0.4, 1e-5, torch.bfloat16, "cuda"
 WARMUP, STEPS = 3, 10

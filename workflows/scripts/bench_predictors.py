@@ -18,9 +18,9 @@ from lemo.layout import TokenLayout
 from lemo.models.adapters import get_adapter
 from lemo.models.registry import get_spec, make_config
 from lemo.predictors import LayerPredictor, PredictorScorer, PredictorSet
-from lemo.provenance import provenance
+from lemo.bench.provenance import provenance
 from lemo.scoring import OracleScorer
-from lemo.results import write_rows
+from lemo.bench.results import write_rows
 
 WIDTHS = [(128, 64), (64, 32)]
 BLOCK = 64

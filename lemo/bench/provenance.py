@@ -26,7 +26,7 @@ def git_state(root: Path | None = None) -> dict:
     """Commit of the checkout; LEMO_GIT_COMMIT overrides it where the tree was copied without .git."""
     if os.environ.get("LEMO_GIT_COMMIT"):
         return {"git_commit": os.environ["LEMO_GIT_COMMIT"], "git_dirty": os.environ.get("LEMO_GIT_DIRTY") == "1"}
-    root = root or Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent.parent
     def run(*args):
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()

@@ -155,19 +155,19 @@ def _info(args) -> int:
 
 
 def _train_predictors(args) -> int:
-    from .predictors.commands import train_command
+    from ..predictors.commands import train_command
 
     return train_command(args)
 
 
 def _eval_predictors(args) -> int:
-    from .predictors.commands import eval_command
+    from ..predictors.commands import eval_command
 
     return eval_command(args)
 
 
 def main(argv=None) -> int:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lemo {__version__}")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="targets")
     p.set_defaults(func=_targets)
     p = sub.add_parser("max-context", help="longest context one training step fits, per method and memory cap "
-                                           "(doubling, then bisection; lemo.maxctx)")
+                                           "(doubling, then bisection; lemo.bench.maxctx)")
     p.add_argument("--sweep", required=True, help="a sweep with a max_context section (workflows/sweeps/h200-maxctx.yaml)")
     p.add_argument("--search", default=None, help="MODEL__ATTENTION__gcN__METHOD__CAP; without it, list the searches")
     p.add_argument("--out", default=None, help="directory for the probe records and result.json (resumes from it)")
@@ -231,10 +231,10 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="max-context")
     p.set_defaults(func=_max_context_report)
-    from .accuracy.cli import register as register_accuracy
+    from ..accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)
-    from .distributed.cli import register as register_distributed
+    from ..distributed.cli import register as register_distributed
 
     register_distributed(sub)
     p = sub.add_parser("info", help="machine, versions and attention backends available here")

@@ -23,7 +23,7 @@ from baselines.attention import attention_context, get_backend, set_model_backen
 
 from .measure import saved_activation_bytes, time_steps, train_step
 from .methods import get_method
-from .models.registry import build_model, get_spec, rope_scale_factor
+from ..models.registry import build_model, get_spec, rope_scale_factor
 from .provenance import provenance
 from .sweep import Job, Point, record_name
 

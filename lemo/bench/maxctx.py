@@ -3,7 +3,7 @@
 The search doubles the context from `start` until a probe fails (out of memory, host RAM exhausted by
 offload, an error) or reaches `limit`, then bisects between the last fit and the first failure at
 `granularity` tokens. Every probe is one full training step (the sweep's warm-up/steps) measured by
-the harness (lemo.bench.JobRunner.measure: fresh setup, memory freed and peak stats reset after),
+the harness (lemo.bench.bench.JobRunner.measure: fresh setup, memory freed and peak stats reset after),
 and is written as an ordinary record, so a failure is a data point. A step slower than
 `time_bound_s` still counts as a fit but stops the search upward (a longer one would not fit the
 runner's command limit). What ended the search is the `bound`:
@@ -103,7 +103,7 @@ def search_max_context(probe: Callable[[int], Probe], start: int, limit: int, gr
 
 @dataclass(frozen=True)
 class Search:
-    point: object  # lemo.sweep.Point at the start context
+    point: object  # lemo.bench.sweep.Point at the start context
     cap_gib: float | None
 
     @property
@@ -160,7 +160,7 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=print) -> dict:
     from baselines.attention import get_backend, unavailable_reason
 
     from .bench import JobRunner, write_record
-    from .models.registry import build_model, get_spec
+    from ..models.registry import build_model, get_spec
     from .sweep import Job, record_name
 
     s, settings = find_search(sweep, search_id), search_settings(sweep)

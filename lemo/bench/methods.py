@@ -13,8 +13,8 @@ from typing import Callable
 
 from baselines import liger, longlora, lora
 
-from .apply import apply_lemo, remove_lemo
-from .config import LeMoConfig
+from ..apply import apply_lemo, remove_lemo
+from ..config import LeMoConfig
 
 
 def liger_options(options: dict) -> liger.LigerOptions | None:

@@ -169,7 +169,7 @@ def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 
         mem = f.set_index("label").memory_ratio
         sweep = quality_dir.parent.parent / "h200-frontier" / "sweep.csv"
         if sweep.exists():
-            from .accuracy.quality import memory_ratios
+            from ..accuracy.quality import memory_ratios
 
             mem = memory_ratios(sweep).set_index("label").memory_ratio
         lean = cos[[v for v in cos.index if mem.get(v, 0) >= memory_goal]]

@@ -93,7 +93,7 @@ def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_b
     return merged[keys + ["method", "base", "value", "ratio"]].sort_values(keys + ["method"]).reset_index(drop=True)
 
 
-# Method names (lemo.methods) of the LoRA baselines, whatever their options (offload, backend, adapter dtype).
+# Method names (lemo.bench.methods) of the LoRA baselines, whatever their options (offload, backend, adapter dtype).
 LORA_FAMILY = ("lora", "lora-liger")
 
 

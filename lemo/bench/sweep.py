@@ -17,17 +17,17 @@ from pathlib import Path
 from baselines.attention import BACKENDS
 
 from .methods import METHODS
-from .models.registry import REGISTRY
+from ..models.registry import REGISTRY
 from .yamlfile import load_yaml
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
-# kind: distributed = multi-GPU points (lemo.distributed); max_context: a max-context search (lemo.maxctx)
+# kind: distributed = multi-GPU points (lemo.distributed); max_context: a max-context search (lemo.bench.maxctx)
 TOP_KEYS = {"name", "lora", "methods", "groups", "kernel_benchmarks", "kind", "max_context", *DEFAULTS}
 DISTRIBUTED_GROUP_KEYS = {"parallelism", "gpus"}
 GROUP_KEYS = {"models", "attention", "gradient_checkpointing", "contexts", "methods"}  # required
 GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "one_process"}
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
-# checkpointing the layer inputs, kept in host memory during the step; see lemo.measure.offloading).
+# checkpointing the layer inputs, kept in host memory during the step; see lemo.bench.measure.offloading).
 # `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of baselines.liger.LigerOptions).
 METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
 OPTION_KEYS = {"lora": {"lora"}, "lemo": {"lora", "lemo", "liger"}, "longlora": {"lora", "longlora"},
@@ -117,7 +117,7 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
     from baselines.longlora import LongLoraOptions
     from baselines.lora import LoraOptions
 
-    from .config import LeMoConfig, check_types, from_fields
+    from ..config import LeMoConfig, check_types, from_fields
 
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: expected a mapping with a `method`, got {spec!r}")

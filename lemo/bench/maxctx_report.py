@@ -1,4 +1,4 @@
-"""Max-context search results (lemo.maxctx result.json files) -> max_context.csv, a table and a bar figure.
+"""Max-context search results (lemo.bench.maxctx result.json files) -> max_context.csv, a table and a bar figure.
 
 The table compares each method with the best LoRA-family row (lora, lora-*, any backend) of the same
 model and cap: the "vs best LoRA" column is max_context / that row's max_context.
@@ -69,7 +69,7 @@ def summary(frame: pd.DataFrame) -> str:
     return "\n".join([
         f"Max trainable context, one training step per probe, measured on {gpu} (commit {commits}): doubling, then "
         "bisection at the sweep's granularity; a cap is torch.cuda.set_per_process_memory_fraction. Bound = what "
-        "ended the search (lemo.maxctx).", "", table(frame), ""])
+        "ended the search (lemo.bench.maxctx).", "", table(frame), ""])
 
 
 def figure(frame: pd.DataFrame, out: Path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import check_types
+from ..config import check_types
 from .results import LORA_FAMILY, POINT_COLS, wide
 from .yamlfile import load_yaml
 
@@ -150,7 +150,7 @@ def _best(rows: pd.DataFrame, metric: str) -> tuple[str, float | None, str]:
 
 def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[str]:
     """Failure lines (empty = all pass); prints one line per covered point. `expected`: the sweep's
-    Points (lemo.sweep.expand), so that a point or a whole job absent from the CSV is noticed."""
+    Points (lemo.bench.sweep.expand), so that a point or a whole job absent from the CSV is noticed."""
     reasons = frame.reindex(columns=POINT_COLS + ["reason"]).drop_duplicates(POINT_COLS)  # reason is optional
     w = wide(frame).merge(reasons, on=POINT_COLS, how="left")
     failures = []
