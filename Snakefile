@@ -1,13 +1,28 @@
 # LeMo benchmark workflow: sweep -> one JSON record per point -> aggregate CSV -> figures; and the
 # accuracy experiment (corpus -> pretraining -> predictors -> fine-tuning per method -> perplexity).
 #
-#   snakemake --cores all                                   # the sweep for the hardware present
-#   snakemake --cores all --workflow-profile workflows/profiles/h200   # pick a profile explicitly
+#   snakemake --cores all                                              # the CPU sweep
+#   snakemake --cores all --workflow-profile workflows/profiles/h200   # the H200 sweep, on one GPU
 #
-# The sweep file (workflows/sweeps/*.yaml) defines models, methods, backends and contexts; without
-# config `sweep=...` the cpu sweep runs on machines without a GPU and the h200 sweep on a GPU.
+# The sweep file (workflows/sweeps/*.yaml) defines models, methods, backends and contexts. Configuration:
+# workflows/config.yaml holds the defaults (the cpu sweep; nothing is detected from the machine), --config
+# KEY=VALUE or a profile's `config:` list overrides them (`--config sweep=workflows/sweeps/h200.yaml`), and
+# workflows/schema/config.schema.yaml checks the result. Rules that run code name environment.yml as their
+# conda environment (`snakemake --use-conda` builds it; without it they run in the environment of the
+# interpreter running snakemake); `snakemake --lint` reports nothing (tests/test_snakemake_lint.py).
 # Multi-GPU points (workflows/sweeps/h200-multigpu.yaml) run one torchrun per point; on a Slurm cluster:
 #   snakemake --workflow-profile workflows/profiles/slurm
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "workflows/config.yaml"
+
+
+validate(config, "workflows/schema/config.schema.yaml")
+
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/sweep.smk"

@@ -1,8 +1,9 @@
 import re
+import shlex
 from pathlib import Path
-import shutil
-import subprocess
 import sys
+
+from snakemake.settings.types import DeploymentMethod
 
 from lemo.accuracy.experiment import load_experiment
 from lemo.distributed.points import is_distributed
@@ -13,23 +14,20 @@ wildcard_constraints:
     model="[A-Za-z0-9_.-]+",
 
 
-PY = sys.executable  # the interpreter running snakemake has lemo installed
+# Rules name their programs (`python -m lemo ...`, `torchrun`) and get them from their software environment:
+# with --software-deployment-method conda (--use-conda) the rule's conda environment (environment.yml; it runs
+# `python -m lemo` from the repository root, which imports the package from there); otherwise the
+# environment of the interpreter that runs snakemake, whose bin directory goes first on the jobs' PATH (as
+# Snakemake's own `script:` directive runs sys.executable), so `.venv/bin/snakemake` works without
+# activating the venv. Not a `params:` entry: the interpreter's path is no parameter of a result, and a
+# parameter that changes with the checkout's location would make every finished job look outdated.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"; ")
 
 
-def detect_sweep():
-    """workflows/sweeps/h200.yaml when a CUDA GPU answers nvidia-smi, else workflows/sweeps/cpu.yaml."""
-    if shutil.which("nvidia-smi"):
-        try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            names = ""
-        if names:
-            return "workflows/sweeps/h200.yaml"
-    return "workflows/sweeps/cpu.yaml"
-
-
-SWEEP_FILE = config.get("sweep") or detect_sweep()
+# The sweep (config `sweep`, workflows/config.yaml): the CPU sweep unless a --config or a profile picks another
+# (workflows/profiles/h200: the h200 sweep); nothing is detected from the machine while the workflow is parsed.
+SWEEP_FILE = config["sweep"]
 SWEEP = load_sweep(SWEEP_FILE)
 NAME = SWEEP["name"]
 
@@ -45,8 +43,9 @@ DISTRIBUTED = is_distributed(SWEEP)
 JOBS = {} if DISTRIBUTED else {job.id: job for job in jobs(SWEEP)}
 MODELS = sorted({job.model for job in JOBS.values()})
 
-# Accuracy experiment (workflows/accuracy/NAME.yaml): the 17M-parameter model on a GPU, a tiny one on CPU.
-ACCURACY = config.get("accuracy") or ("small" if NAME.startswith("h200") else "ci")
+# Accuracy experiment (workflows/accuracy/NAME.yaml, config `accuracy`): by default the 17M-parameter model
+# (small) with an h200* sweep, a tiny one (ci) with any other.
+ACCURACY = config["accuracy"] or ("small" if NAME.startswith("h200") else "ci")
 ACCURACY_FILE = f"workflows/accuracy/{ACCURACY}.yaml"
 load_experiment(ACCURACY_FILE)  # validated: a bad key or option fails here, before any job runs
 with open(ACCURACY_FILE) as _f:
@@ -63,5 +62,13 @@ ACC_PRETRAINED = _acc.get("model")
 ACC_SEEDS = _acc["finetune"].get("seeds") or [_acc["finetune"].get("seed", 0)]
 # A real checkpoint and text corpus instead of the built-in ones:
 #   snakemake --cores all --config accuracy_model=/path/to/hf_checkpoint accuracy_corpus=/path/to/texts
-ACC_MODEL = config.get("accuracy_model")
-ACC_SOURCE = config.get("accuracy_corpus")
+ACC_MODEL = config["accuracy_model"]
+ACC_SOURCE = config["accuracy_corpus"]
+# --config fresh=1 (or true, yes): measure every point again, keeping no earlier record.
+FRESH = config["fresh"].lower() in ("true", "yes", "on") if isinstance(config["fresh"], str) else bool(config["fresh"])
+
+
+def predictor_inputs(wildcards):
+    """Predictor directories that a measure job's methods name (made by rule untrained_predictors)."""
+    paths = {p.options.get("lemo", {}).get("predictor_path") for p in JOBS[wildcards.job].points}
+    return sorted(p for p in paths if p)

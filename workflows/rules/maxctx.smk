@@ -15,11 +15,17 @@ rule max_context_search:
         "results/{name}/maxctx/{search}/result.json",
     log:
         "results/{name}/logs/maxctx/{search}.log",
+    params:
+        sweep=SWEEP_FILE,
+    benchmark:
+        "logs/benchmarks/{name}/maxctx/{search}.tsv"  # wall time and peak RSS of the search (logs/: not committed)
     threads: workflow.cores
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo max-context --sweep {SWEEP_FILE} --search {wildcards.search} "
+        "python -m lemo max-context --sweep {params.sweep} --search {wildcards.search} "
         "--out results/{wildcards.name}/maxctx/{wildcards.search} > {log} 2>&1"
 
 
@@ -34,6 +40,8 @@ rule max_context_report:
         "results/{name}/logs/max_context_report.log",
     params:
         dirs=lambda w, input: " ".join(str(Path(f).parent) for f in input),
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo max-context-report {params.dirs} --csv {output.csv} --figure {output.figure} "
+        "python -m lemo max-context-report {params.dirs} --csv {output.csv} --figure {output.figure} "
         "--out {output.table} > {log} 2>&1"

@@ -15,12 +15,20 @@ rule train_predictors:
     log:
         f"{ACC_RESULTS}/logs/train_predictors.log",
     params:
+        rope=ACC_ROPE,
+        context=ACC_PRED.get("context"),
+        steps=ACC_PRED.get("steps"),
+        batch=ACC_PRED.get("batch"),
         layers=f"--sparse-layers {PRED_LAYERS}" if PRED_LAYERS else "",
+    benchmark:
+        f"logs/benchmarks/accuracy/{ACCURACY}/train_predictors.tsv"  # wall time and peak RSS (logs/: not committed)
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo train-predictors --model {input.model} --corpus {input.corpus} --out {output} "
-        "--rope-factor {ACC_ROPE} --context {ACC_PRED[context]} --steps {ACC_PRED[steps]} --batch {ACC_PRED[batch]} "
+        "python -m lemo train-predictors --model {input.model} --corpus {input.corpus} --out {output} "
+        "--rope-factor {params.rope} --context {params.context} --steps {params.steps} --batch {params.batch} "
         "{params.layers} > {log} 2>&1"
 
 
@@ -34,11 +42,17 @@ rule eval_predictors:
     log:
         f"{ACC_RESULTS}/logs/eval_predictors.log",
     params:
+        rope=ACC_ROPE,
+        context=ACC_PRED.get("context"),
+        batch=ACC_PRED.get("batch"),
         recall=ACC_PRED.get("target_recall", 0.95),
+        out=lambda w, output: str(Path(output[0]).parent),  # the predictors' thresholds and options are copied there
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo eval-predictors --model {input.model} --corpus {input.corpus} --predictors {input.predictors} "
-        "--rope-factor {ACC_ROPE} --context {ACC_PRED[context]} --batch {ACC_PRED[batch]} --batches 8 "
+        "python -m lemo eval-predictors --model {input.model} --corpus {input.corpus} --predictors {input.predictors} "
+        "--rope-factor {params.rope} --context {params.context} --batch {params.batch} --batches 8 "
         "--target-recall {params.recall} --out {output} --tune-thresholds > {log} 2>&1 && "
-        "cp {input.predictors}/*.json {ACC_RESULTS}/predictors/"
+        "cp {input.predictors}/*.json {params.out}/"

@@ -19,8 +19,10 @@ rule fetch_model:
         f"{ACC_RESULTS}/logs/fetch_model.log",
     params:
         name=ACC_PRETRAINED,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo fetch-model {params.name} --out {output} > {log} 2>&1"
+        "python -m lemo fetch-model {params.name} --out {output} > {log} 2>&1"
 
 
 rule corpus:
@@ -33,8 +35,10 @@ rule corpus:
     params:
         experiment=ACCURACY_FILE,
         source=f"--source {ACC_SOURCE}" if ACC_SOURCE else "",
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo corpus --experiment {params.experiment} --out {output} --cache data/debian {params.source} "
+        "python -m lemo corpus --experiment {params.experiment} --out {output} --cache data/debian {params.source} "
         "--tokenizer {input.model}/tokenizer.json > {log} 2>&1"
 
 
@@ -48,11 +52,13 @@ rule fidelity:
         f"{ACC_RESULTS}/logs/fidelity.log",
     params:
         experiment=ACCURACY_FILE,
-        out=f"{ACC_RESULTS}/fidelity",
+        out=lambda w, output: str(Path(output[0]).parent),
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo fidelity --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
+        "python -m lemo fidelity --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
         "--out {params.out} > {log} 2>&1"
 
 
@@ -62,8 +68,8 @@ rule finetune_seeded:
         corpus=CORPUS_DIR,
         predictors=lambda w: [f"{ACC_DATA}/predictors"] if w.label in ACC_NEEDS_PREDICTORS else [],
     output:
-        f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/eval.json",
-        f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/loss.csv",
+        eval=f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/eval.json",
+        loss=f"{ACC_RESULTS}/runs/{{label}}.s{{seed}}/loss.csv",
     wildcard_constraints:
         label="|".join(re.escape(m) for m in ACCURACY_METHODS),
         seed=r"\d+",
@@ -71,12 +77,16 @@ rule finetune_seeded:
         f"{ACC_RESULTS}/logs/finetune_{{label}}.s{{seed}}.log",
     params:
         experiment=ACCURACY_FILE,
-        runs=f"{ACC_RESULTS}/runs",
+        runs=lambda w, output: str(Path(output.eval).parent.parent),
         predictors=lambda w, input: f"--predictors {input.predictors}" if input.predictors else "",
+    benchmark:
+        f"logs/benchmarks/accuracy/{ACCURACY}/finetune_{{label}}.s{{seed}}.tsv"  # wall time, peak RSS (not committed)
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo finetune --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
+        "python -m lemo finetune --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
         "{params.predictors} --out {params.runs} --methods {wildcards.label} --seeds {wildcards.seed} > {log} 2>&1"
 
 
@@ -85,17 +95,19 @@ rule eval_base:
         model=MODEL_DIR,
         corpus=CORPUS_DIR,
     output:
-        f"{ACC_RESULTS}/runs/pretrained/eval.json",
-        f"{ACC_RESULTS}/runs/pretrained+PI/eval.json",
+        base=f"{ACC_RESULTS}/runs/pretrained/eval.json",
+        pi=f"{ACC_RESULTS}/runs/pretrained+PI/eval.json",
     log:
         f"{ACC_RESULTS}/logs/eval_base.log",
     params:
         experiment=ACCURACY_FILE,
-        runs=f"{ACC_RESULTS}/runs",
+        runs=lambda w, output: str(Path(output.base).parent.parent),
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo eval-base --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
+        "python -m lemo eval-base --experiment {params.experiment} --model {input.model} --corpus {input.corpus} "
         "--out {params.runs} > {log} 2>&1"
 
 
@@ -106,17 +118,19 @@ rule quality_report:
         fidelity=expand(f"{ACC_RESULTS}/fidelity/fidelity_x{{factor}}.csv", factor=FIDELITY_FACTORS),
         recall=[f"{ACC_RESULTS}/predictors/recall.csv"] if ACC_PRED else [],
     output:
-        f"{ACC_RESULTS}/accuracy.csv",
-        f"{ACC_RESULTS}/frontier.csv",
-        f"{ACC_RESULTS}/summary.md",
+        csv=f"{ACC_RESULTS}/accuracy.csv",
+        frontier=f"{ACC_RESULTS}/frontier.csv",
+        summary=f"{ACC_RESULTS}/summary.md",
     log:
         f"{ACC_RESULTS}/logs/report.log",
     params:
-        runs=f"{ACC_RESULTS}/runs",
-        fidelity=f"{ACC_RESULTS}/fidelity",
+        runs=lambda w, input: str(Path(input.runs[0]).parent.parent),
+        fidelity=lambda w, output: str(Path(output.summary).parent / "fidelity"),  # rule fidelity's CSVs, if any
         sweep=f"--sweep {FRONTIER_SWEEP}" if Path(FRONTIER_SWEEP).exists() else "",
         figures=f"figures/accuracy/{ACCURACY}",
-        out=ACC_RESULTS,
+        out=lambda w, output: str(Path(output.summary).parent),
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo quality-report {params.runs} --fidelity {params.fidelity} {params.sweep} --out {params.out} "
+        "python -m lemo quality-report {params.runs} --fidelity {params.fidelity} {params.sweep} --out {params.out} "
         "--figures {params.figures} --paper results/reference/jenga_ae_a800.csv > {log} 2>&1"

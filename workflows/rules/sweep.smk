@@ -1,9 +1,3 @@
-def predictor_inputs(wildcards):
-    """Predictor directories that the job's methods name (made by rule untrained_predictors)."""
-    paths = {p.options.get("lemo", {}).get("predictor_path") for p in JOBS[wildcards.job].points}
-    return sorted(p for p in paths if p)
-
-
 rule measure:
     """One job = one model at one checkpointing setting: every backend, context and method in it.
 
@@ -19,12 +13,16 @@ rule measure:
     params:
         sweep=SWEEP_FILE,
         records=lambda w: f"results/{w.name}/records/{w.job}",
-        fresh="--fresh" if config.get("fresh") else "",  # --config fresh=1: measure again, keep nothing
+        fresh="--fresh" if FRESH else "",  # --config fresh=1: measure again, keep nothing
+    benchmark:
+        "logs/benchmarks/{name}/records/{job}.tsv"  # wall time and peak RSS of the whole job (logs/: not committed)
     threads: workflow.cores  # timed jobs never share the machine
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo measure --sweep {params.sweep} --job {wildcards.job} --out {params.records} {params.fresh}"
+        "python -m lemo measure --sweep {params.sweep} --job {wildcards.job} --out {params.records} {params.fresh}"
         " > {log} 2>&1 && touch {output}"
 
 
@@ -37,8 +35,10 @@ rule aggregate:
         "results/{name}/logs/sweep.log",
     params:
         records=lambda w, input: [p.removesuffix(".done") for p in input],
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo aggregate {params.records} --out {output} > {log} 2>&1"
+        "python -m lemo aggregate {params.records} --out {output} > {log} 2>&1"
 
 
 rule figures:
@@ -49,8 +49,10 @@ rule figures:
         expand("figures/{{name}}/{model}.png", model=MODELS),
     log:
         "results/{name}/logs/figures.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo figures {input.csv} --reference {input.reference} --out-dir figures/{wildcards.name} > {log} 2>&1"
+        "python -m lemo figures {input.csv} --reference {input.reference} --out-dir figures/{wildcards.name} > {log} 2>&1"
 
 
 rule report:
@@ -62,8 +64,10 @@ rule report:
         "results/{name}/summary.md",
     log:
         "results/{name}/logs/summary.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo report {input.csv} --reference-dir results/reference --out {output} > {log} 2>&1"
+        "python -m lemo report {input.csv} --reference-dir results/reference --out {output} > {log} 2>&1"
 
 
 # Kernel microbenchmarks on the GPU (workflows/scripts/bench_KERNEL.py): one CSV per kernel with
@@ -79,8 +83,12 @@ rule bench_kernel:
     threads: workflow.cores
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
+    # workflows/scripts/bench_KERNEL.py as a module from the repository root: it imports lemo from there in the
+    # conda environment too
     shell:
-        "{PY} workflows/scripts/bench_{wildcards.kernel}.py {output} > {log} 2>&1"
+        "python -m workflows.scripts.bench_{wildcards.kernel} {output} > {log} 2>&1"
 
 
 rule kernel_report:
@@ -90,8 +98,10 @@ rule kernel_report:
         "results/{name}/kernels/summary.md",
     log:
         "results/{name}/logs/kernels/report.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo kernel-report {input} --out {output} --figures figures/{wildcards.name}/kernels > {log} 2>&1"
+        "python -m lemo kernel-report {input} --out {output} --figures figures/{wildcards.name}/kernels > {log} 2>&1"
 
 
 rule untrained_predictors:
@@ -102,5 +112,7 @@ rule untrained_predictors:
         "logs/predictors_{model}.log",
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m lemo train-predictors --model {wildcards.model} --steps 0 --out {output} > {log} 2>&1"
+        "python -m lemo train-predictors --model {wildcards.model} --steps 0 --out {output} > {log} 2>&1"
