@@ -85,7 +85,8 @@ def test_accuracy_targets_read_the_extended_length():
         recall = pd.read_csv(RESULTS / f"accuracy/{folder}/predictors/recall.csv")
         best = recall[recall.layer.astype(str) == "all"].recall.max()
         row = _row(rows, f"predictor recall of the oracle's kept blocks ({model}")
-        assert f"{best:.1%}" in row.measured and row.met == ("yes" if best >= 0.97 else "no")
+        within = recall[(recall.layer.astype(str) == "all") & (recall.kept_fraction <= 1.05 * recall.keep_ratio)]
+        assert f"{best:.1%}" in row.measured and row.met == ("yes" if (within.recall >= 0.97).any() else "no")
 
 
 def test_missing_results_say_not_measured(tmp_path):

@@ -191,8 +191,11 @@ def recall_target(recall_csv: Path, model: str, goal: float = 0.97) -> Row:
     context = f" at {int(r.context.iloc[0]) // 1024}K" if "context" in r else ""
     r = r[r.layer.astype(str) == "all"].set_index("selection")
     parts = [f"{sel} {row.recall:.1%} at {row.kept_fraction:.0%} kept" for sel, row in r.iterrows()]
-    return Row(label, f">= {goal:.0%} (paper 95.1%)", ", ".join(parts) + context, _mark(r.recall.max() >= goal),
-               str(recall_csv))
+    # met only at the oracle's budget: a threshold that keeps more blocks than the keep ratio buys its
+    # recall with memory
+    budget = r.kept_fraction <= 1.05 * r.keep_ratio
+    return Row(label, f">= {goal:.0%} at the keep ratio's budget (paper 95.1%)", ", ".join(parts) + context,
+               _mark(bool((r.recall[budget] >= goal).any())), str(recall_csv))
 
 
 def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> Row:
