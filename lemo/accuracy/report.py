@@ -8,6 +8,7 @@ the paper's Llama-2-7B deltas (LoRA -> LeMo) beside ours.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..bench.figures import method_color  # noqa: E402
 from ..bench.report import update_readme  # noqa: E402
 
 # The paper (LeMo, Table: perplexity after context extension, Llama-2-7B), LoRA -> LeMo.
@@ -175,20 +177,19 @@ def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
     paths = []
     ppl = frame[frame.metric == "perplexity"]
     fig, (ax, rel) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = plt.get_cmap("tab20").colors
     base = ppl[ppl.label == "lora"].set_index("context").value
-    for k, label in enumerate(_order(ppl.label)):
+    for label in _order(ppl.label):
         d = ppl[ppl.label == label].sort_values("context")
-        style = dict(marker="o", color=colors[k % len(colors)], label=label,
+        style = dict(marker="o", color=method_color(label), label=label,
                      linestyle="--" if label.startswith("pretrained") else "-")
         ax.plot(d.context, d.value, **style)
         if not label.startswith("pretrained") and label != "lora" and len(base):
             rel.plot(d.context, 100 * (d.value.values / base.reindex(d.context).values - 1), **style)
     ax.set_yscale("log")
-    ax.set_title("Held-out perplexity after context extension")
+    ax.set_title("held-out perplexity after context extension", fontsize=10)
     rel.axhline(0, color="black", linewidth=0.8)
     rel.axhspan(-2, 2, color="green", alpha=0.1, label="within 2% of LoRA")
-    rel.set_title("Relative to dense LoRA at the same context (%)")
+    rel.set_title("perplexity relative to dense LoRA at the same context (%)", fontsize=10)
     for a in (ax, rel):
         a.set_xscale("log", base=2)
         a.set_xlabel("evaluation context (tokens)")
@@ -205,10 +206,11 @@ def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for path in sorted(losses, key=lambda p: _order([q.parent.name for q in losses]).index(p.parent.name)):
             d = pd.read_csv(path)
-            ax.plot(d.step, d.loss.rolling(10, min_periods=1).mean(), label=path.parent.name)
+            label = re.sub(r"\.s\d+$", "", path.parent.name)
+            ax.plot(d.step, d.loss.rolling(10, min_periods=1).mean(), label=path.parent.name, color=method_color(label))
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (10-step mean)")
-        ax.set_title("Context-extension fine-tuning")
+        ax.set_title("training loss (10-step mean) during context-extension fine-tuning", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out / "finetune_loss.png")
@@ -223,7 +225,7 @@ def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
         ax.plot(h.tokens / 1e6, h.heldout_loss, marker="o", label="held-out")
         ax.set_xlabel("tokens seen (M)")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title("Pretraining")
+        ax.set_title("training and held-out loss (nats/token) during pretraining", fontsize=10)
         ax.legend()
         fig.tight_layout()
         paths.append(out / "pretrain_loss.png")
@@ -251,7 +253,7 @@ def recall_figure(recall_csv: Path, out: Path) -> Path | None:
     ax.set_xlabel("sparse layer")
     ax.set_ylabel("recall of oracle-kept blocks")
     ax.set_ylim(0.5, 1.02)
-    ax.set_title("Trained predictors vs the oracle (held-out)")
+    ax.set_title("recall of oracle-kept blocks, trained predictors (held-out)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path = out / "predictor_recall.png"

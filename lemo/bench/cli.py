@@ -137,6 +137,13 @@ def _max_context_report(args) -> int:
     return _publish(args, summary(frame))
 
 
+def _headline(args) -> int:
+    from .headline import headline
+
+    print(headline(Path(args.results), Path(args.out)))
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -231,6 +238,12 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="max-context")
     p.set_defaults(func=_max_context_report)
+    p = sub.add_parser("headline", help="the headline figure from committed results: LeMo's memory and step-time "
+                                        "ratios vs the strongest LoRA-family baseline by context, and the quality-memory "
+                                        "frontier (lemo.bench.headline)")
+    p.add_argument("--results", default="results", help="the results folder (sweeps, accuracy/smollm2, reference)")
+    p.add_argument("--out", default="figures/headline.png")
+    p.set_defaults(func=_headline)
     from ..accuracy.cli import register as register_accuracy
 
     register_accuracy(sub)

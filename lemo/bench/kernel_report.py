@@ -88,18 +88,57 @@ def kernel_table(d: pd.DataFrame, spec: Spec, ceilings: dict) -> str:
     return "\n".join(lines)
 
 
-def kernel_figure(d: pd.DataFrame, spec: Spec, name: str, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+# One colour per implementation in every kernel figure (liger in lora-liger's colour); others: method_color.
+IMPL_COLORS = {"triton": "#d62728", "torch": "#1f77b4", "naive": "#7f7f7f", "plain": "#7f7f7f", "liger": "#17becf",
+               "oracle": "#1f77b4"}
+
+
+def impl_color(impl: str) -> str:
+    from .figures import method_color
+
+    return IMPL_COLORS.get(impl, method_color(impl))
+
+
+def kernel_figure(d: pd.DataFrame, spec: Spec, name: str, out: Path, ceilings: dict | None = None) -> Path:
+    """Time per implementation (colour: the implementation, as in every kernel figure; solid: the fast
+    one) and, where the spec names rates, the fast implementation's achieved rate against the measured
+    ceiling (a labelled horizontal line)."""
+    ceilings = ceilings or {}
+    rates = [(r, c) for r, c in spec.rates if r in d and d[r].notna().any()]
+    fig, axes = plt.subplots(1, 1 + len(rates), figsize=(6 + 4.5 * len(rates), 4.2), squeeze=False)
+    ax = axes[0][0]
+    markers = ["o", "s", "^", "v", "D", "P"]
+    variants = list(dict.fromkeys(d.variant))
     for (impl, variant), g in d.groupby(["impl_name", "variant"]):
         g = g.sort_values("context")
-        ax.plot(g.context, g.ms, marker="o", label=f"{impl} {variant}".strip(),
-                linestyle="-" if impl == spec.fast else "--")
+        ax.plot(g.context, g.ms, marker=markers[variants.index(variant) % len(markers)], color=impl_color(impl),
+                label=f"{impl} {variant}".strip(), linestyle="-" if impl == spec.fast else "--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("time (ms, median)")
-    ax.set_title(spec.title, fontsize=10)
+    ax.set_title("time per call (ms, median; lower is better)", fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    for rax, (rate, ceiling) in zip(axes[0][1:], rates):
+        fast = d[d.impl_name == spec.fast]
+        for variant, g in fast.groupby("variant"):
+            g = g.sort_values("context")
+            rax.plot(g.context, g[rate], marker=markers[variants.index(variant) % len(markers)],
+                     color=impl_color(spec.fast), label=f"{spec.fast} {variant}".strip())
+        cap, unit = ceilings.get(ceiling, (None, ""))
+        if cap:
+            rax.axhline(cap, color="0.3", ls="--", lw=1)
+            rax.annotate(f"measured ceiling: {ceiling} {cap:.0f} {unit}", (0.02, cap), xycoords=("axes fraction", "data"),
+                         xytext=(0, -3), textcoords="offset points", va="top", fontsize=7, color="0.3")
+            rax.set_ylim(0, max(cap, fast[rate].max()) * 1.08)
+        rax.set_xscale("log", base=2)
+        rax.set_xlabel("tokens")
+        rax.set_ylabel(f"{rate} ({unit})" if unit else rate)
+        rax.set_title(f"achieved {rate} of {spec.fast}" + (" vs measured ceiling" if cap else ""), fontsize=10)
+        rax.grid(alpha=0.3)
+        rax.legend(fontsize=7, loc="center right")
+    fig.suptitle(spec.title, fontsize=11)
     fig.tight_layout()
     path = out / f"{name}.png"
     fig.savefig(path, dpi=120)
@@ -122,7 +161,7 @@ def kernel_report(paths: list[Path], out: Path, figures: Path) -> list[Path]:
         spec = SPECS[p.stem]
         d = _load(p, spec)
         parts += [f"**{spec.title}** (`{p.name}`)", kernel_table(d, spec, ceilings)]
-        written.append(kernel_figure(d, spec, p.stem, figures))
+        written.append(kernel_figure(d, spec, p.stem, figures, ceilings))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(parts) + "\n")
     return [out] + written

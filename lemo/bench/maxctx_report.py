@@ -78,19 +78,22 @@ def figure(frame: pd.DataFrame, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .figures import backend_style, method_color
+
     groups = list(frame.groupby(["model", frame.cap_gib.fillna(-1)], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.45 * frame.method.nunique() + 2),
                              squeeze=False)
     for ax, ((model, _), grp) in zip(axes[0], groups):
         grp = grp.sort_values("max_context")
         labels = [f"{r.method} ({r.attention})" for r in grp.itertuples()]
-        colors = ["C0" if is_lora_family(m) else ("C2" if m.startswith("lemo") else "C7") for m in grp.method]
-        ax.barh(labels, grp.max_context / 1024, color=colors)
+        bars = ax.barh(labels, grp.max_context / 1024, color=[method_color(m) for m in grp.method], edgecolor="white")
+        for bar, backend in zip(bars, grp.attention):  # the backend's hatch, as in every bar figure
+            bar.set_hatch(backend_style(backend)["hatch"])
         for y, r in enumerate(grp.itertuples()):
             ax.text(r.max_context / 1024, y, f" {_tokens(r.max_context)} ({r.bound})", va="center", fontsize=8)
         ax.set_xlim(0, 1.4 * max(grp.max_context.max(), 1) / 1024)  # room for the labels
         ax.set_xlabel("max trainable context (K tokens)")
-        ax.set_title(f"{model}, {_cap(grp.cap_gib.iloc[0])}")
+        ax.set_title(f"max trainable context (K tokens), {model}, {_cap(grp.cap_gib.iloc[0])}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out = Path(out)
