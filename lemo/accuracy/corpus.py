@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import sysconfig
@@ -35,6 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..bench.progress import progress
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout")
 DEBIAN_PACKAGES = ("bible-kjv", "bible-kjv-text", "python3.11-doc")
@@ -367,9 +372,11 @@ def _token_dtype(tok):
 def _encode_texts(tok, texts: list[str], batch_chars: int = 16_000_000) -> list[np.ndarray]:
     """Each text's token ids (no EOS), encoded in batches of about `batch_chars` characters."""
     out, batch, size = [], [], 0
+    bar = progress(total=sum(len(t) for t in texts), desc="encode", unit="char", unit_scale=True, leave=False)
 
     def flush():
         out.extend(np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(batch))
+        bar.update(sum(len(t) for t in batch))
         batch.clear()
 
     for t in texts:
@@ -380,6 +387,7 @@ def _encode_texts(tok, texts: list[str], batch_chars: int = 16_000_000) -> list[
             size = 0
     if batch:
         flush()
+    bar.close()
     return out
 
 
@@ -476,6 +484,7 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
         docs = source_documents(cache, sources)
     else:
         docs = builtin_documents(cache)
+    log.info("%d documents, %d characters", len(docs), sum(len(d.text) for d in docs))
     encoded: dict[str, np.ndarray] = {}
     if tokenizer is not None:
         from tokenizers import Tokenizer
@@ -489,6 +498,7 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
     splits = split_documents(docs, heldout_fraction, seed, min_long=min_long, long_count=long_count,
                              interleave_sources=sources is not None)
     if tokenizer is None:
+        log.info("training a %d-token BPE on %d train documents", vocab_size, len(splits["train"]))
         tok = train_tokenizer(splits["train"], vocab_size)
         for split in SPLITS:
             encoded.update(zip((d.name for d in splits[split]), _encode_texts(tok, [d.text for d in splits[split]])))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..apply import apply_lemo, lemo_state, remove_lemo
+from ..bench.progress import progress
 from ..config import LeMoConfig
 from ..models.adapters import get_adapter, unwrap
 from ..scoring import project_qk
@@ -155,7 +156,7 @@ def run_fidelity(model, windows: torch.Tensor, variants: dict[str, dict], autoca
     `model` is a PEFT LoRA model in training mode; `windows` (W, L) token ids on the model's device.
     """
     rows = []
-    for w, ids in enumerate(windows):
+    for w, ids in progress(enumerate(windows), total=len(windows), desc="fidelity", unit="window"):
         ids = ids[None]
         dense_loss, dense_grads, dense_nll = _train_step(model, ids, autocast)
         rows.append(dict(variant="dense", window=w, metric="loss", layer=None, value=dense_loss))

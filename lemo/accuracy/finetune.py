@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +18,13 @@ from pathlib import Path
 import torch
 
 from ..bench.methods import get_method
+from ..bench.progress import progress
 from .corpus import batches, long_documents
 from .passkey import passkey_accuracy, retrieval_grid
 from .perplexity import perplexity
 from .pretrain import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,11 +145,13 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     model.train()
-    log = []
+    history = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for step, ids in enumerate(batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed)):
+    bar = progress(batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps,
+                   desc=f"finetune {label}", unit="step")
+    for step, ids in enumerate(bar):
         ids = ids.to(device)
         for g in opt.param_groups:
             g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
@@ -155,18 +161,19 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start})
+        history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
         if step % 20 == 0 or step == cfg.steps - 1:
-            print(f"[{label}] step {step + 1} loss {log[-1]['loss']:.4f} {log[-1]['seconds']:.1f}s", flush=True)
+            log.info("[%s] step %d loss %.4f %.1fs", label, step + 1, history[-1]["loss"], history[-1]["seconds"])
     train_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     with (out / "loss.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(log[0]))
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
-        w.writerows(log)
+        w.writerows(history)
     rows = evaluate(model, model_dir, corpus_dir, cfg)
     meta = {"label": label, "method": options["method"], "seed": cfg.seed, "options": json.dumps(options, sort_keys=True),
-            "train_seconds": train_seconds, "train_peak_gib": peak, "final_loss": log[-1]["loss"],
+            "train_seconds": train_seconds, "train_peak_gib": peak, "final_loss": history[-1]["loss"],
             "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
             **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
     rows = [{**meta, **r} for r in rows]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bench.progress import progress
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -112,6 +114,7 @@ def retrieval_grid(model, tokenizer, task: str, lengths: list[int], depths: list
     model.eval()
     device = next(model.parameters()).device
     rows = []
+    bar = progress(total=len(lengths) * len(depths) * trials, desc=task, unit="trial", leave=False)
     for length in lengths:
         for depth in depths:
             rng = random.Random(f"{seed}/{task}/{length}/{depth}")
@@ -125,8 +128,10 @@ def retrieval_grid(model, tokenizer, task: str, lengths: list[int], depths: list
                     raise ValueError(f"task must be 'passkey' or 'kv', got {task!r}")
                 e, h, t = _score(model, s, device)
                 exact, hit, total = exact + e, hit + h, total + t
+                bar.update()
             rows.append({"metric": task, "context": length, "depth": depth, "value": exact / trials,
                          "token_accuracy": hit / total, "trials": trials})
+    bar.close()
     model.train(was_training)
     return rows
 
@@ -139,7 +144,7 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 20, seed: int 
     device = next(model.parameters()).device
     rng = random.Random(seed)
     exact, token_hits, token_total = 0, 0, 0
-    for t in range(trials):
+    for t in progress(range(trials), desc=f"passkey @{length}", unit="trial", leave=False):
         s = make_sample(tokenizer, length, depth=t / max(1, trials - 1), key=rng.randint(10000, 99999))
         ids = torch.tensor([s.ids], device=device)
         pred = model(input_ids=ids, use_cache=False).logits[0, s.answer_start - 1:-1].argmax(-1)

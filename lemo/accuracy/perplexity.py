@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bench.progress import progress
+
 
 def windows(docs: list[np.ndarray], context: int, tokens_per_doc: int) -> torch.Tensor:
     """(W, context) windows covering the first `tokens_per_doc` tokens of each long-enough document."""
@@ -45,7 +47,7 @@ def perplexity(model, docs: list[np.ndarray], context: int, tokens_per_doc: int,
     keep = torch.ones(context - 1, dtype=torch.bool, device=device) if unscored_every is None else \
         positions % unscored_every != 0  # window offsets are multiples of the context, hence of m
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
+    for i in progress(range(0, len(data), batch_size), desc=f"perplexity @{context}", unit="batch", leave=False):
         ids = data[i:i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, context - 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ..bench.progress import progress
 from .corpus import load_split, sample_windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,10 +102,11 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
                             fused=device.type == "cuda")
     held = sample_windows(corpus_dir, "heldout", cfg.context, cfg.eval_windows, seed=12345)
     train_tokens = len(load_split(corpus_dir, "train").tokens)
-    log, start, stopped_early = [], time.perf_counter(), False
+    history, start, stopped_early = [], time.perf_counter(), False
     model.train()
     step = 0
-    for step in range(cfg.steps):
+    bar = progress(range(cfg.steps), desc="pretrain", unit="step")
+    for step in bar:
         ids = sample_windows(corpus_dir, "train", cfg.context, cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
         ids = ids.to(device, non_blocking=True)
         for group in opt.param_groups:
@@ -119,28 +124,30 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
                    "train_loss": loss.item(), "heldout_loss": None, "seconds": time.perf_counter() - start}
             if (step + 1) % cfg.eval_every == 0 or last or out_of_time:
                 row["heldout_loss"] = heldout_loss(model, held, cfg.batch_size, device)
-            log.append(row)
-            print(f"step {row['step']:5d} loss {row['train_loss']:.3f} heldout {row['heldout_loss']} "
-                  f"{row['seconds']:.0f}s", flush=True)
+            history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", refresh=False)
+            log.info("step %5d loss %.3f heldout %s %.0fs", row["step"], row["train_loss"], row["heldout_loss"],
+                     row["seconds"])
         if out_of_time and not last:
             stopped_early = True
             break
+    bar.close()
     seconds = time.perf_counter() - start
     model = model.to(torch.bfloat16)
     model.config.max_position_embeddings = cfg.context
     model.save_pretrained(out_dir, max_shard_size="15MB")
     shutil.copy(corpus_dir / "tokenizer.json", out_dir / "tokenizer.json")
     with (out_dir / "pretrain_log.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(log[0]))
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
-        w.writerows(log)
+        w.writerows(history)
     weights = hashlib.sha256()
     for path in sorted(out_dir.glob("*.safetensors")):
         weights.update(path.read_bytes())
     summary = {"config": asdict(cfg), "parameters": params, "steps_done": step + 1, "stopped_early": stopped_early,
                "tokens_seen": (step + 1) * cfg.batch_size * cfg.context, "train_tokens": train_tokens,
                "epochs": (step + 1) * cfg.batch_size * cfg.context / train_tokens, "seconds": seconds,
-               "final_train_loss": log[-1]["train_loss"], "final_heldout_loss": log[-1]["heldout_loss"],
+               "final_train_loss": history[-1]["train_loss"], "final_heldout_loss": history[-1]["heldout_loss"],
                "weights_sha256": weights.hexdigest(),
                "corpus": json.loads((corpus_dir / "stats.json").read_text()),
                "provenance": provenance(device)}

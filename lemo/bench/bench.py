@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import tempfile
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,8 +24,11 @@ from baselines.attention import attention_context, get_backend, set_model_backen
 from .measure import saved_activation_bytes, time_steps, train_step
 from .methods import get_method
 from ..models.registry import build_model, get_spec, rope_scale_factor
+from .progress import progress
 from .provenance import provenance
 from .sweep import Job, Point, record_name
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,7 +107,7 @@ RESUME_PROVENANCE = ("git_commit", "gpu")  # a record of other code or another G
 
 
 class JobRunner:
-    def __init__(self, job: Job, out_dir: Path, log=print, resume: bool = True):
+    def __init__(self, job: Job, out_dir: Path, log=log.info, resume: bool = True):
         self.job = job
         self.out_dir = Path(out_dir)
         self.log = log
@@ -166,7 +169,7 @@ class JobRunner:
                 runnable.append(p)
         model = None  # built when the first point needs measuring (a resumed job may need none)
         failed_at: dict[tuple, int] = {}
-        for p in runnable:  # ascending context, then method
+        for p in progress(runnable, desc=job.id, unit="point"):  # ascending context, then method
             if (p.attention, p.method) in failed_at:
                 status, at = failed_at[p.attention, p.method]
                 self.record(p, "skipped", f"{'out of memory' if status == 'oom' else 'failed'} at {at} tokens")
@@ -229,7 +232,7 @@ class JobRunner:
             if is_oom(err):
                 return self.record(p, "oom", "out of memory", metrics=_peak_metrics(self.device),
                                    extra={"rope_factor": factor, "error_type": type(err).__name__})
-            traceback.print_exc()
+            log.error("[%s] %s ctx=%d failed", self.job.id, p.method, p.context, exc_info=True)
             return self.record(p, "error", f"{type(err).__name__}: {str(err)[:300]}",
                                extra={"rope_factor": factor, "error_type": type(err).__name__})
         finally:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _measure(args) -> int:
@@ -35,10 +38,10 @@ def _aggregate(args) -> int:
 
     files = record_files(args.records)
     if not files:
-        print(f"no records under {args.records}", file=sys.stderr)
+        log.error("no records under %s", args.records)
         return 1
     frame = aggregate(files, Path(args.out))
-    print(f"{len(files)} records -> {len(frame)} rows in {args.out}")
+    log.info("%d records -> %d rows in %s", len(files), len(frame), args.out)
     return 0
 
 
@@ -130,10 +133,10 @@ def _max_context_report(args) -> int:
 
     files = [Path(d) / "result.json" for d in args.searches if (Path(d) / "result.json").exists()]
     if not files:
-        print(f"no result.json under {args.searches}", file=sys.stderr)
+        log.error("no result.json under %s", args.searches)
         return 1
     frame = write_csv(files, Path(args.csv))
-    print(figure(frame, Path(args.figure)))
+    log.info("figure -> %s", figure(frame, Path(args.figure)))
     return _publish(args, summary(frame))
 
 
@@ -173,14 +176,20 @@ def _eval_predictors(args) -> int:
     return eval_command(args)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `lemo` command's parser, every subcommand included."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lemo {__version__}")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("--verbose", "-v", dest="log_level", action="store_const", const=logging.DEBUG,
+                         default=logging.INFO, help="log debug messages too (default: info and above)")
+    chatter.add_argument("--quiet", "-q", dest="log_level", action="store_const", const=logging.WARNING,
+                         help="log warnings and errors only, and draw no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("measure", help="run one sweep job and write one JSON record per point")
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", required=True, help="sweep YAML (workflows/sweeps/*.yaml)")
     p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method labels of the job")
     p.add_argument("--out", required=True, help="directory for the records")
@@ -188,41 +197,41 @@ def main(argv=None) -> int:
                    help="measure every point again (default: keep the ok/OOM records this commit wrote on this GPU)")
     p.set_defaults(func=_measure)
     p = sub.add_parser("jobs", help="list the jobs of a sweep")
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", required=True, help="sweep YAML whose jobs to list (id and number of points)")
     p.set_defaults(func=_jobs)
     p = sub.add_parser("aggregate", help="records -> long-format CSV")
     p.add_argument("records", nargs="+", help="record directories")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="long-format CSV to write")
     p.set_defaults(func=_aggregate)
     p = sub.add_parser("figures", help="CSV -> figures (one per model)")
-    p.add_argument("csv")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("csv", help="sweep CSV written by `lemo aggregate`")
+    p.add_argument("--out-dir", required=True, help="directory for the figures")
     p.add_argument("--reference", default=None, help="paper artifact CSV for reference markers")
     p.set_defaults(func=_figures)
     p = sub.add_parser("check", help="fail when a ratio leaves its committed bound")
-    p.add_argument("csv")
-    p.add_argument("--thresholds", required=True)
+    p.add_argument("csv", help="sweep CSV written by `lemo aggregate`")
+    p.add_argument("--thresholds", required=True, help="thresholds YAML: the checks (metric, method, bounds) and their sweep")
     p.add_argument("--sweep", default=None, help="the sweep the CSV comes from (default: the thresholds file's `sweep`)")
     p.set_defaults(func=_check)
     p = sub.add_parser("report", help="markdown tables from a CSV (optionally into a README block)")
-    p.add_argument("csv")
-    p.add_argument("--out", default=None)
+    p.add_argument("csv", help="sweep CSV written by `lemo aggregate`")
+    p.add_argument("--out", default=None, help="markdown file to write (default: stdout unless --readme)")
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
-    p.add_argument("--name", default="h200")
+    p.add_argument("--name", default="h200", help="NAME of the README block (default: h200)")
     p.add_argument("--reference-dir", default=None, help="directory with jenga_ae_a800.csv and h200_lora_baseline.csv")
     p.set_defaults(func=_report)
     p = sub.add_parser("kernel-report", help="kernel microbenchmark CSVs -> tables (markdown) and figures")
     p.add_argument("csvs", nargs="+", help="bench_KERNEL.py outputs (ceilings.csv gives the ceilings)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--figures", required=True)
+    p.add_argument("--out", required=True, help="markdown file for the tables")
+    p.add_argument("--figures", required=True, help="directory for the figures")
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
-    p.add_argument("--name", default="kernels")
+    p.add_argument("--name", default="kernels", help="NAME of the README block (default: kernels)")
     p.set_defaults(func=_kernel_report)
     p = sub.add_parser("targets", help="where we stand against each project target, from committed results")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", default=None)
+    p.add_argument("--results", default="results", help="the committed results directory (default: results)")
+    p.add_argument("--out", default=None, help="markdown file to write (default: stdout unless --readme)")
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
-    p.add_argument("--name", default="targets")
+    p.add_argument("--name", default="targets", help="NAME of the README block (default: targets)")
     p.set_defaults(func=_targets)
     p = sub.add_parser("max-context", help="longest context one training step fits, per method and memory cap "
                                            "(doubling, then bisection; lemo.bench.maxctx)")
@@ -232,11 +241,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_max_context)
     p = sub.add_parser("max-context-report", help="search directories -> max_context.csv, table, bar figure")
     p.add_argument("searches", nargs="+", help="directories written by `lemo max-context`")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--figure", required=True)
+    p.add_argument("--csv", required=True, help="max_context.csv to write")
+    p.add_argument("--figure", required=True, help="bar figure to write")
     p.add_argument("--out", default=None, help="markdown table (default: stdout)")
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
-    p.add_argument("--name", default="max-context")
+    p.add_argument("--name", default="max-context", help="NAME of the README block (default: max-context)")
     p.set_defaults(func=_max_context_report)
     p = sub.add_parser("headline", help="the headline figure from committed results: LeMo's memory and step-time "
                                         "ratios vs the strongest LoRA-family baseline by context, and the quality-memory "
@@ -256,48 +265,62 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
     p.add_argument("--corpus", default=None, help="corpus directory (lemo.accuracy.corpus); not needed with --steps 0")
     p.add_argument("--out", required=True, help="directory for predictors.safetensors + predictors.json")
-    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--context", type=int, default=4096, help="tokens per training window (default: 4096)")
     p.add_argument("--rope-factor", type=float, default=1.0,
                    help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
     p.add_argument("--steps", type=int, default=200, help="0 writes an untrained set (cost benchmarks)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--loss", choices=["smooth_l1", "mse"], default="smooth_l1")
+    p.add_argument("--batch", type=int, default=1, help="windows per step (default: 1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    p.add_argument("--loss", choices=["smooth_l1", "mse"], default="smooth_l1",
+                   help="loss between predicted and oracle block maps (default: smooth_l1)")
     p.add_argument("--widths", default="128,64", help="the two ReLU layer widths of each path")
     p.add_argument("--per-head", action="store_true", help="separate weights per head (default: shared)")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block (default: 64)")
     p.add_argument("--sparse-layers", default=None, help="comma-separated; default: LeMoConfig's schedule")
     p.add_argument("--prune-every", type=int, default=50, help="elastic pruning period in steps (0: off)")
-    p.add_argument("--prune-fraction", type=float, default=0.1)
-    p.add_argument("--min-width", type=int, default=16)
-    p.add_argument("--split", default="train")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--prune-fraction", type=float, default=0.1, help="share of each layer's width pruned per period (default: 0.1)")
+    p.add_argument("--min-width", type=int, default=16, help="pruning never narrows a layer below this (default: 16)")
+    p.add_argument("--split", default="train", help="corpus split the windows come from (default: train)")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="oracle block-score implementation (default: auto, Triton where it runs)")
     p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the predictor weights and of the windows (default: 0)")
+    p.add_argument("--verbose", action="store_true", help="log the loss of every step and each pruning")
     p.set_defaults(func=_train_predictors)
     p = sub.add_parser("eval-predictors", help="per-layer recall of predictors vs the oracle (+ threshold tuning)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
     p.add_argument("--predictors", required=True, help="directory written by train-predictors")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="corpus directory (lemo.accuracy.corpus)")
     p.add_argument("--out", required=True, help="CSV of recall rows")
-    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--context", type=int, default=4096, help="tokens per evaluation window (default: 4096)")
     p.add_argument("--rope-factor", type=float, default=1.0,
                    help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--keep-ratio", type=float, default=0.4)
-    p.add_argument("--tune-thresholds", action="store_true")
-    p.add_argument("--target-recall", type=float, default=0.9)
-    p.add_argument("--metric", choices=["blocks", "mass"], default="blocks")
+    p.add_argument("--batches", type=int, default=8, help="batches of windows evaluated (default: 8)")
+    p.add_argument("--batch", type=int, default=1, help="windows per batch (default: 1)")
+    p.add_argument("--keep-ratio", type=float, default=0.4,
+                   help="share of blocks kept: the oracle's top-k the recall is measured against (default: 0.4)")
+    p.add_argument("--tune-thresholds", action="store_true",
+                   help="also tune per-layer score thresholds (on other windows) and report their recall")
+    p.add_argument("--target-recall", type=float, default=0.9, help="recall the tuned thresholds aim for (default: 0.9)")
+    p.add_argument("--metric", choices=["blocks", "mass"], default="blocks",
+                   help="what the tuned recall counts: oracle top-k blocks or their attention mass (default: blocks)")
     p.add_argument("--thresholds-out", default=None, help="JSON (default: OUT with .thresholds.json)")
-    p.add_argument("--split", default="heldout")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="heldout", help="corpus split the windows come from (default: heldout)")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="oracle block-score implementation (default: auto, Triton where it runs)")
+    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="windows: SEED+1 evaluated, SEED+2 for tuning; registry model weights (default: 0)")
     p.set_defaults(func=_eval_predictors)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .progress import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input files or values: a message, not a traceback

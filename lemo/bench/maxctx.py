@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 BOUNDS = ("memory", "host-ram", "killed", "time", "limit", "error")
 DEFAULT_SEARCH = dict(start=8192, limit=1048576, granularity=8192, time_bound_s=300.0, caps_gib=[None])
@@ -153,7 +156,7 @@ def _probe_from_record(rec: dict, offload: bool) -> Probe:
     return Probe(rec["point"]["context"], status, m.get("step_s"), m.get("peak_allocated_gib"))
 
 
-def run_search(sweep: dict, search_id: str, out_dir: Path, log=print) -> dict:
+def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict:
     """Run (or resume) one search on this machine; writes a record per probe and result.json in `out_dir`."""
     import torch
 

@@ -12,6 +12,7 @@ torchrun stops the others; `--record-failure LOG` then writes the point's record
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -27,6 +28,8 @@ from ..bench.provenance import provenance
 from ..bench.sweep import load_sweep
 from .data_parallel import broadcast_parameters, enable_checkpointing, shard_fsdp2, wrap_ddp
 from .points import DistPoint, find_point
+
+log = logging.getLogger(__name__)
 
 GIB = 2 ** 30
 
@@ -157,11 +160,11 @@ def run(args) -> int:
         metrics = measure(p)
         if dist.get_rank() == 0:
             write_record(Path(args.out), record(p, "ok", metrics))
-            print(f"{p.id}: {metrics['tokens_per_s']:.1f} tokens/s, step {metrics['step_s']:.3f}s, "
-                  f"peak {metrics['peak_allocated_gib_max']} GiB")
+            log.info("%s: %.1f tokens/s, step %.3fs, peak %s GiB", p.id, metrics["tokens_per_s"], metrics["step_s"],
+                     metrics["peak_allocated_gib_max"])
     except BaseException as err:  # one rank's failure must end the launch, not leave others waiting
-        print(f"rank {dist.get_rank()}: {'out of memory' if is_oom(err) else 'failed'}: {type(err).__name__}: {err}",
-              flush=True)
+        log.error("rank %d: %s: %s: %s", dist.get_rank(), "out of memory" if is_oom(err) else "failed",
+                  type(err).__name__, err)
         raise
     finally:
         if dist.is_initialized():

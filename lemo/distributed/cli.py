@@ -18,7 +18,7 @@ def register(sub) -> None:
                    help="write a failed/oom record for the point from torchrun's log instead of running")
     p.set_defaults(func=_bench)
     p = sub.add_parser("dist-points", help="list the points of a distributed sweep")
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", required=True, help="a `kind: distributed` sweep file")
     p.set_defaults(func=_list_points)
     register_report(sub)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+from ..bench.progress import progress_enabled
 from ..bench.results import write_rows
+
+log = logging.getLogger(__name__)
 
 
 def load_model(model: str, context: int | None, dtype: str | None = None, seed: int = 0, rope_factor: float = 1.0):
@@ -53,15 +57,15 @@ def train_command(args) -> int:
                              per_head=args.per_head, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                              loss=args.loss, prune_every=args.prune_every, prune_fraction=args.prune_fraction,
                              min_width=args.min_width, kernels=args.kernels, seed=args.seed,
-                             log=print if args.verbose else None)
+                             log=log.info if args.verbose else None, progress=progress_enabled())
     preds.meta["source"] = {"model": args.model, "corpus": args.corpus, "context": args.context,
                             "rope_factor": args.rope_factor,
                             "batch": args.batch, "split": args.split}
     out = preds.save(args.out)
     curve = preds.meta["training"]["loss_curve"]
-    print(f"{len(preds.layers)} layer predictors, {preds.parameter_count()} parameters "
-          f"({preds.parameter_bytes() / 2**20:.1f} MiB fp32), {len(curve)} steps"
-          + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "") + f" -> {out}")
+    log.info(f"{len(preds.layers)} layer predictors, {preds.parameter_count()} parameters "
+             f"({preds.parameter_bytes() / 2**20:.1f} MiB fp32), {len(curve)} steps"
+             + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "") + f" -> {out}")
     return 0
 
 
@@ -87,7 +91,7 @@ def eval_command(args) -> int:
                                     "keep_ratio": args.keep_ratio, "target_recall": args.target_recall,
                                     "metric": args.metric, "tuned_on_seed": args.seed + 2,
                                     "evaluated_on_seed": args.seed + 1}, indent=1) + "\n")
-        print(f"thresholds -> {path}")
+        log.info("thresholds -> %s", path)
     from ..bench.provenance import provenance
 
     prov = {k: v for k, v in provenance(next(lm.parameters()).device).items() if not isinstance(v, (dict, list))}

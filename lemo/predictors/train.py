@@ -54,12 +54,15 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
                      per_head: bool = False, steps: int | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
                      loss: str = "smooth_l1", normalize: bool = True, grad_clip: float | None = 1.0,
                      prune_every: int = 0, prune_fraction: float = 0.1, min_width: int = 8,
-                     min_zero_freq: float = 0.0, kernels: str = "auto", seed: int = 0, log=None) -> PredictorSet:
+                     min_zero_freq: float = 0.0, kernels: str = "auto", seed: int = 0, log=None,
+                     progress: bool = False) -> PredictorSet:
     """Train (or, with steps=0, just initialise) predictors for `model`'s sparse layers.
 
     `batches`: an iterable of (B, L) LongTensors (or dicts with input_ids and optional attention_mask /
     position_ids); one batch per step, for `steps` steps or until it runs out (steps=None).
-    Returns the fp32 PredictorSet, eval mode, with `meta["training"]` filled in.
+    Returns the fp32 PredictorSet, eval mode, with `meta["training"]` filled in. `log`: a callable
+    given one line per step (and per pruning); `progress=True` draws a tqdm bar on stderr (tqdm is
+    imported only then).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -82,6 +85,11 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
         return float(value)
 
     step, batch_iter = 0, iter(batches)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="train predictors", unit="step", dynamic_ncols=True)
     while steps is None or step < steps:
         try:
             batch = next(batch_iter)
@@ -98,6 +106,9 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
         curve.append(sum(losses.values()) / len(losses))
         for i, v in losses.items():
             layer_curve[i].append(v)
+        if bar is not None:
+            bar.set_postfix(loss=f"{curve[-1]:.4f}", refresh=False)
+            bar.update()
         if log is not None:
             log(f"step {step}: loss {curve[-1]:.4f}")
         if prune_every and step % prune_every == 0 and (steps is None or step < steps):
@@ -108,6 +119,8 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
                            "widths": {str(i): w for i, w in predictors.widths().items()}})
             if log is not None:
                 log(f"step {step}: pruned to {predictors.parameter_count()} parameters")
+    if bar is not None:
+        bar.close()
     predictors.set_tracking(False)
     predictors.eval()
     predictors.meta["training"] = {
