@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "ratios vs the strongest LoRA-family baseline by context, and the quality-memory "
                                         "frontier (lemo.bench.headline)")
     p.add_argument("--results", default="results", help="the results folder (sweeps, accuracy/smollm2, reference)")
-    p.add_argument("--out", default="figures/headline.png")
+    p.add_argument("--out", default="figures/headline.png", help="PNG to write")
     p.set_defaults(func=_headline)
     from ..accuracy.cli import register as register_accuracy
 
