@@ -27,8 +27,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "sdpa-flash": Backend("sdpa-flash", "sdpa", SDPBackend.FLASH_ATTENTION, "torch SDPA FlashAttention-2"),
     "sdpa-cudnn": Backend("sdpa-cudnn", "sdpa", SDPBackend.CUDNN_ATTENTION, "torch SDPA cuDNN attention"),
-    "sdpa-efficient": Backend("sdpa-efficient", "sdpa", SDPBackend.EFFICIENT_ATTENTION,
-                              "torch SDPA memory-efficient"),
+    "sdpa-efficient": Backend("sdpa-efficient", "sdpa", SDPBackend.EFFICIENT_ATTENTION, "torch SDPA memory-efficient"),
     "sdpa-math": Backend("sdpa-math", "sdpa", SDPBackend.MATH, "torch SDPA math"),
     "eager": Backend("eager", "eager", None, "transformers eager (matmul + softmax)"),
     "flash-attn": Backend("flash-attn", "flash_attention_2", None, "flash_attn package"),
@@ -50,8 +49,9 @@ def attention_context(name: str):
     return sdpa_kernel([backend.sdpa_backend])
 
 
-def unavailable_reason(name: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-                       head_dim: int = 128, gqa: bool = False) -> str | None:
+def unavailable_reason(
+    name: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, gqa: bool = False
+) -> str | None:
     """Why backend `name` cannot run forward+backward here, or None when it can (probed, not guessed)."""
     backend = get_backend(name)
     device = torch.device(device)

@@ -75,18 +75,26 @@ class LongLoraOptions:
 
 # ---- S2-Attn at the attention-function level -------------------------------------------------
 
+
 def group_size(length: int, group_ratio: float) -> int:
     """Tokens per group for a sequence of `length` (the reference: int(length * ratio), dividing length)."""
     g = int(length * group_ratio)
     if g < 1 or length % g:
-        ok = next((n for n in range(length + 1, 2 * length + 64)
-                   if int(n * group_ratio) >= 1 and n % int(n * group_ratio) == 0), None)
+        ok = next(
+            (
+                n
+                for n in range(length + 1, 2 * length + 64)
+                if int(n * group_ratio) >= 1 and n % int(n * group_ratio) == 0
+            ),
+            None,
+        )
         hint = f" (the next such length is {ok})" if ok else ""
         raise ValueError(
             f"S2-Attn splits the sequence into groups of int(L * {group_ratio:g}) tokens and needs L to be a "
             f"multiple of that group size; L={length} gives groups of {g}. Pad the batch or choose a context "
             f"that splits into whole groups, e.g. a multiple of {round(1 / group_ratio)}{hint}, or change "
-            "group_ratio")
+            "group_ratio"
+        )
     return g
 
 
@@ -94,7 +102,8 @@ def _unpadded_error() -> ValueError:
     return ValueError(
         "S2-Attn (LongLoRA training) needs full-length, unpadded, unpacked sequences, but the batch is padded or "
         "packs several documents. Train on batches of exactly the context length without padding (concatenate "
-        "text into fixed-length chunks, attention_mask=None), or use model.eval() for dense attention")
+        "text into fixed-length chunks, attention_mask=None), or use model.eval() for dense attention"
+    )
 
 
 def _check_plain_causal(mask, length: int) -> None:
@@ -118,7 +127,8 @@ def _check_kv_heads(num_kv_heads: int) -> None:
     if num_kv_heads % 2:
         raise ValueError(
             f"S2-Attn shifts the second half of the key/value heads, so it needs an even number of them; this "
-            f"model has {num_kv_heads}. Use a model with an even num_key_value_heads, or the plain 'lora' method")
+            f"model has {num_kv_heads}. Use a model with an even num_key_value_heads, or the plain 'lora' method"
+        )
 
 
 def _s2_segments(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,9 +142,14 @@ def _s2_segments(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, t
     length = x.shape[2]
     n, h, half = length // g, g // 2, x.shape[1] // 2
     first, second = x[:, :half], x[:, half:]
-    groups = torch.cat([first.unflatten(2, (n, g)).transpose(1, 2),  # (B, n, Hx/2, g, D)
-                        second[:, :, h:length - g + h].unflatten(2, (n - 1, g)).transpose(1, 2)], dim=1)
-    return groups.flatten(0, 1), second[:, :, :h], second[:, :, length - g + h:]
+    groups = torch.cat(
+        [
+            first.unflatten(2, (n, g)).transpose(1, 2),  # (B, n, Hx/2, g, D)
+            second[:, :, h : length - g + h].unflatten(2, (n - 1, g)).transpose(1, 2),
+        ],
+        dim=1,
+    )
+    return groups.flatten(0, 1), second[:, :, :h], second[:, :, length - g + h :]
 
 
 class _ConfigView:
@@ -164,8 +179,10 @@ def _inner_function(implementation: str, module) -> Callable:
         # HF keeps `eager` out of the registry: each modeling file defines its own eager_attention_forward.
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is None:
-            raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; "
-                             "build the model with attn_implementation='sdpa'")
+            raise ValueError(
+                f"{type(module).__name__} has no eager_attention_forward in its modeling file; "
+                "build the model with attn_implementation='sdpa'"
+            )
         return fn
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -209,7 +226,8 @@ def make_s2_attention(implementation: str, group_ratio: float = 0.25) -> Callabl
             return out
 
         (q_groups, *q_ends), (k_groups, *k_ends), (v_groups, *v_ends) = (
-            _s2_segments(x, g) for x in (query, key, value))
+            _s2_segments(x, g) for x in (query, key, value)
+        )
         out = attend(q_groups, k_groups, v_groups)  # (B * (2n-1), g, H/2, Dv)
         out = out.reshape(b, 2 * n - 1, g, *out.shape[-2:])
         unshifted = out[:, :n].flatten(1, 2)  # (B, L, H/2, Dv)
@@ -217,8 +235,7 @@ def make_s2_attention(implementation: str, group_ratio: float = 0.25) -> Callabl
         if q_ends[0].shape[2] == q_ends[1].shape[2]:  # even g: the two end half groups as one batch of 2B
             ends = attend(*(torch.cat(e, dim=0) for e in (q_ends, k_ends, v_ends))).chunk(2, dim=0)
         else:  # odd g: ends of g // 2 and g - g // 2 tokens (the first one empty for g = 1)
-            ends = [attend(q, k, v) if q.shape[2] else middle[:, :0]
-                    for q, k, v in zip(q_ends, k_ends, v_ends)]
+            ends = [attend(q, k, v) if q.shape[2] else middle[:, :0] for q, k, v in zip(q_ends, k_ends, v_ends)]
         shifted = torch.cat([ends[0], middle, ends[1]], dim=1)  # (B, L, H/2, Dv)
         return torch.cat([unshifted, shifted], dim=2), None
 
@@ -268,8 +285,10 @@ def check_model(model) -> None:
     """Raise a ValueError naming the fix when S2-Attn cannot run on `model` (family, head layout)."""
     cfg = _hf_model(model).config
     if cfg.model_type not in FAMILIES:
-        raise ValueError(f"S2-Attn is implemented for model_type {', '.join(FAMILIES)}, not {cfg.model_type!r}; "
-                         "use the 'lora' method for this model")
+        raise ValueError(
+            f"S2-Attn is implemented for model_type {', '.join(FAMILIES)}, not {cfg.model_type!r}; "
+            "use the 'lora' method for this model"
+        )
     _check_kv_heads(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
 
 
@@ -302,6 +321,7 @@ def s2_attn_active(model) -> bool:
 
 
 # ---- the method: LoRA + S2-Attn + trainable embeddings and norms ------------------------------
+
 
 def mark_trainable(model, groups=("embed", "norm")) -> dict[str, bool]:
     """requires_grad=True on parameters of `groups` (LongLoRA's embed,norm); returns their previous flags."""

@@ -42,9 +42,14 @@ def apply_lora(model, options: LoraOptions | None = None):
     from peft import LoraConfig, get_peft_model
 
     options = options or LoraOptions()
-    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=options.target_modules(model.config.model_type), bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules(model.config.model_type),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     if options.adapter_dtype == "model" and not model.dtype.is_floating_point:
         raise ValueError(f"adapter_dtype='model' needs a floating-point model, got {model.dtype}")
     return get_peft_model(model, config, autocast_adapter_dtype=options.adapter_dtype == "float32")

@@ -1,7 +1,7 @@
 """LeMo: long-context fine-tuning with contextual token sparsity (arXiv 2501.09767).
 
-    from lemo import LeMoConfig, apply_lemo
-    model = apply_lemo(model, LeMoConfig(keep_ratio=0.4))
+from lemo import LeMoConfig, apply_lemo
+model = apply_lemo(model, LeMoConfig(keep_ratio=0.4))
 """
 
 from .apply import apply_lemo, lemo_state, remove_lemo

@@ -28,8 +28,8 @@ from .elimination import Frozen, sparse_layer
 from .layout import TokenLayout, make_layout
 from .lora_norm import patch_lora_a
 from .mlp import channel_pruned_forward
-from .norm import is_rms_norm, rms_norm_forward
 from .models.adapters import Adapter, get_adapter, unwrap
+from .norm import is_rms_norm, rms_norm_forward
 from .predictors import make_scorer
 from .segment_loss import segmented_lm_loss
 from .selection import Selection, block_valid, select_blocks, tokens_from_blocks
@@ -51,8 +51,9 @@ class LeMoLayer(nn.Module):
 
     gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable like any layer
 
-    def __init__(self, layer: nn.Module, index: int, adapter: Adapter, config: LeMoConfig, scorer,
-                 state: _ForwardState):
+    def __init__(
+        self, layer: nn.Module, index: int, adapter: Adapter, config: LeMoConfig, scorer, state: _ForwardState
+    ):
         super().__init__()
         for name, child in layer.named_children():
             self.add_module(name, child)
@@ -79,18 +80,28 @@ class LeMoLayer(nn.Module):
         if hidden_states.shape[1] < self.config.min_sparse_tokens:
             return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
         if _cache_in_use(kwargs):
-            raise ValueError("LeMo layers are for training and do not fill a KV cache; pass use_cache=False "
-                             "or call model.eval() (LeMo is inactive in eval mode)")
+            raise ValueError(
+                "LeMo layers are for training and do not fill a KV cache; pass use_cache=False "
+                "or call model.eval() (LeMo is inactive in eval mode)"
+            )
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
         frozen = None
         if self.config.eliminated == "frozen":
             frozen = Frozen(self.config.frozen_keys, self.state.layout.doc_ids, self.config.block_size)
-        run = functools.partial(sparse_layer, parts, sel=sel, position_embeddings=kwargs.get("position_embeddings"),
-                                mlp_mode=self.config.mlp_mode, movement=self.config.movement_kernel, frozen=frozen)
+        run = functools.partial(
+            sparse_layer,
+            parts,
+            sel=sel,
+            position_embeddings=kwargs.get("position_embeddings"),
+            mlp_mode=self.config.mlp_mode,
+            movement=self.config.movement_kernel,
+            frozen=frozen,
+        )
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                checkpoint, use_reentrant=False)
+                checkpoint, use_reentrant=False
+            )
             return ckpt(run, hidden_states)
         return run(hidden_states)
 
@@ -99,7 +110,8 @@ class LeMoLayer(nn.Module):
         self.original.train(self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                checkpoint, use_reentrant=False)
+                checkpoint, use_reentrant=False
+            )
             return ckpt(functools.partial(self.original, **kwargs), hidden_states, *args)
         return self.original(hidden_states, *args, **kwargs)
 
@@ -120,8 +132,14 @@ class LeMoLayer(nn.Module):
         else:
             scores = self.scorer(parts, hidden, position_embeddings, layout, cfg.block_size)
             threshold = cfg.layer_threshold(self.layer_index) if cfg.selection == "threshold" else None
-            kept = select_blocks(scores, valid_blocks, keep_ratio=cfg.keep_ratio, threshold=threshold,
-                                 keep_first=cfg.keep_first_block, keep_last=cfg.keep_last_block)
+            kept = select_blocks(
+                scores,
+                valid_blocks,
+                keep_ratio=cfg.keep_ratio,
+                threshold=threshold,
+                keep_first=cfg.keep_first_block,
+                keep_last=cfg.keep_last_block,
+            )
         sel = tokens_from_blocks(kept, layout.doc_ids, cfg.block_size)
         self.state.selections[self.layer_index] = sel
         if cfg.shared_selection:
@@ -150,8 +168,10 @@ class LeMoHandle:
 def _check_supported(cfg, config: LeMoConfig) -> None:
     window = getattr(cfg, "sliding_window", None)
     if window is not None and getattr(cfg, "use_sliding_window", True):
-        raise ValueError(f"{cfg.model_type} uses sliding-window attention ({window}); LeMo's kept-token attention "
-                         "is full causal: load the model with sliding_window=None")
+        raise ValueError(
+            f"{cfg.model_type} uses sliding-window attention ({window}); LeMo's kept-token attention "
+            "is full causal: load the model with sliding_window=None"
+        )
     if config.mlp_mode == "channel":
         if cfg.model_type == "opt":
             raise ValueError("mlp_mode='channel' needs a gated SiLU MLP (Llama family); use mlp_mode='token' for OPT")
@@ -186,8 +206,9 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         for i in channel_layers:
             mlp = layers[i].mlp
             patched.append((mlp, _instance_forward(mlp)))
-            mlp.forward = functools.partial(channel_pruned_forward, mlp, config.mlp_keep_channels,
-                                            active_in_eval=config.active_in_eval)
+            mlp.forward = functools.partial(
+                channel_pruned_forward, mlp, config.mlp_keep_channels, active_in_eval=config.active_in_eval
+            )
 
     recompute = config.efficient_norm and config.lora_norm_recompute
     lora_a = set()  # PEFT lora_A Linears routed through lemo.lora_norm (PEFT may come after apply_lemo)
@@ -210,15 +231,22 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         for module in decoder.modules():
             if is_rms_norm(module):
                 patched.append((module, _instance_forward(module)))
-                module.forward = functools.partial(rms_norm_forward, module,
-                                                   tag_output=recompute and id(module) in in_layers)
+                module.forward = functools.partial(
+                    rms_norm_forward, module, tag_output=recompute and id(module) in in_layers
+                )
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
     forward_patched = config.segment_loss_tokens > 0 or config.loss_tokens == "kept"
     prior_forward = _instance_forward(lm)
     if forward_patched:  # wraps the current forward (a Liger FLCE forward stays in charge outside training)
-        lm.forward = functools.partial(_segmented_forward, lm, lm.forward, config.segment_loss_tokens,
-                                       config.loss_kernel, config.loss_tokens == "kept")
+        lm.forward = functools.partial(
+            _segmented_forward,
+            lm,
+            lm.forward,
+            config.segment_loss_tokens,
+            config.loss_kernel,
+            config.loss_tokens == "kept",
+        )
     lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a, prior_forward)
     return model
 
@@ -281,21 +309,43 @@ def kept_everywhere(state: _ForwardState) -> torch.Tensor | None:
     return mask.view(b, length)
 
 
-def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_loss: bool, input_ids=None,
-                       attention_mask=None, position_ids=None, labels=None, inputs_embeds=None, **kwargs):
+def _segmented_forward(
+    lm,
+    original_forward,
+    segment: int,
+    kernel: str,
+    kept_loss: bool,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    labels=None,
+    inputs_embeds=None,
+    **kwargs,
+):
     """The causal LM's forward, with the loss computed segment by segment when training with labels (segment
     0: the plain loss) and, with kept_loss, only over the positions kept in every sparse layer."""
     if labels is None or not torch.is_grad_enabled() or not lm.training:
-        return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                labels=labels, inputs_embeds=inputs_embeds, **kwargs)
+        return original_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs.pop("num_items_in_batch", None)  # the segmented loss is a mean over labelled tokens
     kwargs.pop("logits_to_keep", None)
     kwargs["use_cache"] = False  # the caller may pass it too
     base = getattr(lm, lm.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               inputs_embeds=inputs_embeds, **kwargs)
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        **kwargs,
+    )
     if kept_loss:  # the prediction at position t (label t + 1) counts only when t was kept everywhere
         kept = kept_everywhere(lm._lemo.state)
         if kept is not None:
@@ -303,8 +353,8 @@ def _segmented_forward(lm, original_forward, segment: int, kernel: str, kept_los
             labels[:, 1:].masked_fill_(~kept[:, :-1], -100)
     if segment == 0:  # the plain loss (full-length logits) over the kept positions
         logits = lm.get_output_embeddings()(out.last_hidden_state)
-        return CausalLMOutputWithPast(loss=lm.loss_function(logits=logits, labels=labels,
-                                                            vocab_size=lm.config.vocab_size), logits=logits)
-    loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment,
-                             kernel=kernel)
+        return CausalLMOutputWithPast(
+            loss=lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size), logits=logits
+        )
+    loss = segmented_lm_loss(out.last_hidden_state, lm.get_output_embeddings(), labels, segment, kernel=kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)

@@ -49,8 +49,10 @@ def check_types(obj) -> None:
             continue  # compound annotations are checked by their class
         accepts, what = kind
         if not accepts(value):
-            raise ValueError(f"{type(obj).__name__}: {f.name} must be {what}{' or null' if optional else ''}, "
-                             f"got {value!r} ({type(value).__name__})")
+            raise ValueError(
+                f"{type(obj).__name__}: {f.name} must be {what}{' or null' if optional else ''}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
 
 
 def _layer_list(value) -> list[int]:
@@ -65,8 +67,10 @@ def _layer_list(value) -> list[int]:
 
 def _threshold_value(value, where: str) -> float:
     if not _KINDS["float"][0](value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"LeMoConfig: {where} must be a finite number >= 0 (a multiple of the layer's mean "
-                         f"block score), got {value!r}")
+        raise ValueError(
+            f"LeMoConfig: {where} must be a finite number >= 0 (a multiple of the layer's mean "
+            f"block score), got {value!r}"
+        )
     return float(value)
 
 
@@ -185,14 +189,20 @@ class LeMoConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.segment_loss_tokens < 0:
             raise ValueError(f"segment_loss_tokens must be >= 0 (0 disables), got {self.segment_loss_tokens}")
-        if isinstance(self.min_sparse_tokens, bool) or not isinstance(self.min_sparse_tokens, int) \
-                or self.min_sparse_tokens < 0:
-            raise ValueError(f"min_sparse_tokens must be an int >= 0 (0 = always sparse), got {self.min_sparse_tokens!r}")
+        if (
+            isinstance(self.min_sparse_tokens, bool)
+            or not isinstance(self.min_sparse_tokens, int)
+            or self.min_sparse_tokens < 0
+        ):
+            raise ValueError(
+                f"min_sparse_tokens must be an int >= 0 (0 = always sparse), got {self.min_sparse_tokens!r}"
+            )
         if self.sparse_layers is not None:
             self.sparse_layers = _layer_list(self.sparse_layers)
         self.threshold = _thresholds(self.threshold)
-        if self.sparse_first is not None and (isinstance(self.sparse_first, bool) or not isinstance(self.sparse_first, int)
-                                              or self.sparse_first < 0):
+        if self.sparse_first is not None and (
+            isinstance(self.sparse_first, bool) or not isinstance(self.sparse_first, int) or self.sparse_first < 0
+        ):
             raise ValueError(f"sparse_first must be an int >= 0 or None, got {self.sparse_first!r}")
 
     @classmethod
@@ -200,8 +210,20 @@ class LeMoConfig:
         """The paper artifact's LeMo: the top 40% of blocks chosen per layer in layers n/2-1 .. n-2, eliminated
         tokens skipping the layer, the MLP's channel-pruned backward in every layer, the loss over all
         tokens. (On SmolLM2 it costs +75% perplexity after 4x extension: results/accuracy/smollm2.)"""
-        return cls(**{**dict(keep_ratio=0.4, mlp_mode="channel", mlp_channel_all_layers=True, eliminated="skip",
-                             shared_selection=False, loss_tokens="all", sparse_first=None), **overrides})
+        return cls(
+            **{
+                **dict(
+                    keep_ratio=0.4,
+                    mlp_mode="channel",
+                    mlp_channel_all_layers=True,
+                    eliminated="skip",
+                    shared_selection=False,
+                    loss_tokens="all",
+                    sparse_first=None,
+                ),
+                **overrides,
+            }
+        )
 
     def resolve_sparse_layers(self, num_layers: int) -> list[int]:
         """The sparse layer indices for a model of `num_layers`; unknown indices fail clearly."""
@@ -209,13 +231,18 @@ class LeMoConfig:
             first = max(0, num_layers // 2 - 1) if self.sparse_first is None else self.sparse_first
             layers = list(range(first, num_layers - 1))
             if not layers:
-                warnings.warn(f"LeMoConfig: the schedule (layers {first} .. n-2) gives no sparse layer for a "
-                              f"model of {num_layers} layer(s), so nothing is eliminated; pass sparse_layers="
-                              f"{list(range(num_layers))} to make its layers sparse", stacklevel=2)
+                warnings.warn(
+                    f"LeMoConfig: the schedule (layers {first} .. n-2) gives no sparse layer for a "
+                    f"model of {num_layers} layer(s), so nothing is eliminated; pass sparse_layers="
+                    f"{list(range(num_layers))} to make its layers sparse",
+                    stacklevel=2,
+                )
             return layers
         bad = [i for i in self.sparse_layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"sparse_layers {bad} out of range for a model of {num_layers} layers (0..{num_layers - 1})")
+            raise ValueError(
+                f"sparse_layers {bad} out of range for a model of {num_layers} layers (0..{num_layers - 1})"
+            )
         return list(self.sparse_layers)
 
     def layer_threshold(self, layer: int) -> float:

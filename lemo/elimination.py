@@ -40,13 +40,21 @@ class Frozen:
     block_size: int
 
 
-def _frozen_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, position_embeddings, frozen,
-                   mlp_mode: str):
+def _frozen_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, position_embeddings, frozen, mlp_mode: str):
     """(E, D) no-grad update of the eliminated rows from the layer input, or None."""
     if frozen is None or sel.eliminated is None or not sel.eliminated.numel():
         return None
-    return frozen_rows(parts, flat, sel.eliminated, sel.index, frozen.doc_ids, position_embeddings,
-                       frozen.block_size, frozen.keys, mlp=mlp_mode == "token")
+    return frozen_rows(
+        parts,
+        flat,
+        sel.eliminated,
+        sel.index,
+        frozen.doc_ids,
+        position_embeddings,
+        frozen.block_size,
+        frozen.keys,
+        mlp=mlp_mode == "token",
+    )
 
 
 def _attention_function(parts: LayerParts):
@@ -87,12 +95,18 @@ def attend_kept(parts: LayerParts, q, k, v, sel: Selection) -> torch.Tensor:
     t = q.shape[0]
     if sel.per_row is not None:  # equal, unsegmented rows: one batched call
         n = sel.per_row
-        out = _attend_batched(parts, q.view(sel.rows, n, *q.shape[1:]), k.view(sel.rows, n, *k.shape[1:]),
-                              v.view(sel.rows, n, *v.shape[1:]))
+        out = _attend_batched(
+            parts,
+            q.view(sel.rows, n, *q.shape[1:]),
+            k.view(sel.rows, n, *k.shape[1:]),
+            v.view(sel.rows, n, *v.shape[1:]),
+        )
         return out.reshape(t, -1)
     sizes = sel.lengths.tolist()
-    outs = [_attend_batched(parts, qs[None], ks[None], vs[None])[0]
-            for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+    outs = [
+        _attend_batched(parts, qs[None], ks[None], vs[None])[0]
+        for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))
+    ]
     return torch.cat(outs).reshape(t, -1)
 
 
@@ -123,8 +137,12 @@ def _project_attend(parts: LayerParts, h: torch.Tensor, sel: Selection, rope) ->
 def attention_update(parts: LayerParts, flat: torch.Tensor, sel: Selection, positions) -> torch.Tensor:
     """The attention sub-layer's output for kept rows: (T, D)."""
     cos, sin = positions if parts.rope else (None, None)
-    return _project_attend(parts, parts.attn_norm(flat.index_select(0, sel.index)), sel,
-                           lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :]))
+    return _project_attend(
+        parts,
+        parts.attn_norm(flat.index_select(0, sel.index)),
+        sel,
+        lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :]),
+    )
 
 
 def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +152,15 @@ def _dropout(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, p=parts.dropout, training=True)
 
 
-def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
-                 mlp_mode: str, movement: str = "torch", frozen: Frozen | None = None) -> torch.Tensor:
+def sparse_layer(
+    parts: LayerParts,
+    hidden: torch.Tensor,
+    sel: Selection,
+    position_embeddings,
+    mlp_mode: str,
+    movement: str = "torch",
+    frozen: Frozen | None = None,
+) -> torch.Tensor:
     """hidden (B, L, D) -> (B, L, D) with attention (and, in token mode, the MLP) on kept tokens only."""
     if movement == "triton":
         return _sparse_layer_triton(parts, hidden, sel, position_embeddings, mlp_mode, frozen)
@@ -159,23 +184,36 @@ def sparse_layer(parts: LayerParts, hidden: torch.Tensor, sel: Selection, positi
     return flat.view(b, length, d)
 
 
-def _attention_update_triton(parts: LayerParts, base: torch.Tensor, sel: Selection, position_embeddings,
-                             length: int) -> torch.Tensor:
+def _attention_update_triton(
+    parts: LayerParts, base: torch.Tensor, sel: Selection, position_embeddings, length: int
+) -> torch.Tensor:
     """attention_update with fused row movement: load + norm from the full hidden state, RoPE at the
     original positions read from the full cos/sin tables."""
     from .kernels import movement as mv
 
     cos, sin = position_embeddings if parts.rope else (None, None)
-    return _project_attend(parts, mv.load_norm(parts.attn_norm, base, sel.index), sel,
-                           lambda x: mv.rope_rows(x, cos, sin, sel.index, length))
+    return _project_attend(
+        parts,
+        mv.load_norm(parts.attn_norm, base, sel.index),
+        sel,
+        lambda x: mv.rope_rows(x, cos, sin, sel.index, length),
+    )
 
 
-def _sparse_layer_triton(parts: LayerParts, hidden: torch.Tensor, sel: Selection, position_embeddings,
-                         mlp_mode: str, frozen: Frozen | None = None) -> torch.Tensor:
+def _sparse_layer_triton(
+    parts: LayerParts,
+    hidden: torch.Tensor,
+    sel: Selection,
+    position_embeddings,
+    mlp_mode: str,
+    frozen: Frozen | None = None,
+) -> torch.Tensor:
     from .kernels import movement as mv
 
     length = hidden.shape[1]
-    eliminated_update = _frozen_update(parts, hidden.reshape(-1, hidden.shape[-1]), sel, position_embeddings, frozen, mlp_mode)
+    eliminated_update = _frozen_update(
+        parts, hidden.reshape(-1, hidden.shape[-1]), sel, position_embeddings, frozen, mlp_mode
+    )
     base = mv.writable_residual(hidden)  # the input itself, or one clone where it must survive
     if sel.total:
         base = mv.add_rows_(base, sel.index, _attention_update_triton(parts, base, sel, position_embeddings, length))

@@ -35,9 +35,17 @@ def _rope(parts: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 @torch.no_grad()
-def frozen_rows(parts: LayerParts, flat: torch.Tensor, eliminated: torch.Tensor, kept: torch.Tensor,
-                doc_ids: torch.Tensor, position_embeddings, block_size: int, keys: str,
-                mlp: bool) -> torch.Tensor:
+def frozen_rows(
+    parts: LayerParts,
+    flat: torch.Tensor,
+    eliminated: torch.Tensor,
+    kept: torch.Tensor,
+    doc_ids: torch.Tensor,
+    position_embeddings,
+    block_size: int,
+    keys: str,
+    mlp: bool,
+) -> torch.Tensor:
     """The layer's update at the eliminated rows: (E, D), no autograd history.
 
     flat (B*L, D) the layer input; eliminated / kept (E,), (K,) sorted indices into it; doc_ids (B, L)
@@ -67,14 +75,15 @@ def frozen_rows(parts: LayerParts, flat: torch.Tensor, eliminated: torch.Tensor,
             k_idx = kept[row_of_kept == row]
         k_row, v_row = _keys_values(parts, flat, k_idx, cos, sin)  # once per row, shared by its query chunks
         for start in range(0, q_idx.numel(), QUERY_CHUNK):
-            qi = q_idx[start:start + QUERY_CHUNK]
+            qi = q_idx[start : start + QUERY_CHUNK]
             q, k_own, v_own = _queries(parts, flat, qi, cos, sin, own_keys=keys == "local")
             if keys == "local":  # the chunk's own eliminated tokens join the keys, for their own block only
                 ki, k, v = torch.cat([k_idx, qi]), torch.cat([k_row, k_own]), torch.cat([v_row, v_own])
             else:
                 ki, k, v = k_idx, k_row, v_row
-            out[done:done + qi.numel()] = _attend(parts, q, k, v, qi, ki, doc, block_size, keys, k_idx.numel(),
-                                                  length)
+            out[done : done + qi.numel()] = _attend(
+                parts, q, k, v, qi, ki, doc, block_size, keys, k_idx.numel(), length
+            )
             done += qi.numel()
     if mlp:
         mid = flat.index_select(0, eliminated) + out

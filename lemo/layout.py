@@ -30,8 +30,13 @@ class TokenLayout:
         return bool((self.doc_ids == 0).all())
 
 
-def make_layout(batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> TokenLayout:
+def make_layout(
+    batch: int,
+    length: int,
+    device,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> TokenLayout:
     """Layout from the model's 2D padding mask (1 = token) and position ids (restarts = new document)."""
     doc = torch.zeros(batch, length, dtype=torch.int32, device=device)
     if position_ids is not None and position_ids.shape[-1] == length and length > 1:

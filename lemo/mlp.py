@@ -51,16 +51,28 @@ class ChannelPrunedMLP(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype).view(ctx.shape), None, None, None, None, None, None, None, None
 
 
-def channel_pruned_forward(mlp: nn.Module, keep: float, x: torch.Tensor, active_in_eval: bool = False,
-                           reduce=None) -> torch.Tensor:
+def channel_pruned_forward(
+    mlp: nn.Module, keep: float, x: torch.Tensor, active_in_eval: bool = False, reduce=None
+) -> torch.Tensor:
     """Drop-in forward for a Llama-family gated MLP (gate_proj, up_proj, down_proj, SiLU); dense in eval()
     (gradients taken in eval are exact) unless `active_in_eval`. `reduce` sums the channel-ranking norms
     over data-parallel ranks (lemo.distributed)."""
     linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not all(type(m) is nn.Linear for m in linears) or any(m.weight.requires_grad for m in linears):
-        raise ValueError("channel MLP mode needs frozen plain nn.Linear gate/up/down projections; "
-                         "do not put LoRA on the MLP, or use mlp_mode='token'")
+        raise ValueError(
+            "channel MLP mode needs frozen plain nn.Linear gate/up/down projections; "
+            "do not put LoRA on the MLP, or use mlp_mode='token'"
+        )
     if not (mlp.training or active_in_eval) or not torch.is_grad_enabled() or not x.requires_grad:
         return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-    return ChannelPrunedMLP.apply(x, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-                                  mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias, keep, reduce)
+    return ChannelPrunedMLP.apply(
+        x,
+        mlp.gate_proj.weight,
+        mlp.gate_proj.bias,
+        mlp.up_proj.weight,
+        mlp.up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
+        keep,
+        reduce,
+    )

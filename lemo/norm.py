@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 # Attribute on a tagged norm output: (input, weight, eps, input version, output version): what recomputing
 # it needs, and the version counters that tell whether either was written in place since.
 NORMED_FROM = "_lemo_normed_from"

@@ -44,8 +44,15 @@ class OracleScorer:
         return block_scores  # raises clearly when Triton cannot run here
 
     @torch.no_grad()
-    def block_map(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
-                  block_size: int, return_map: bool = True):
+    def block_map(
+        self,
+        parts: LayerParts,
+        hidden: torch.Tensor,
+        position_embeddings,
+        layout: TokenLayout,
+        block_size: int,
+        return_map: bool = True,
+    ):
         """(map (B, nb, nb) fp32 or None, key-block scores (B, nb)) from the layer's real q, k."""
         q, k = project_qk(parts, hidden, position_embeddings)
         # Under autocast with fp32 weights, RoPE's fp32 tables promote q, k to fp32; the layer's attention
@@ -54,9 +61,11 @@ class OracleScorer:
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k = q.to(dtype), k.to(dtype)
         doc_ids = None if layout.is_simple else layout.doc_ids
-        return self._impl(hidden.device)(q, k, block_size=block_size, scale=parts.scaling * parts.q_prescale,
-                                         doc_ids=doc_ids, return_map=return_map)
+        return self._impl(hidden.device)(
+            q, k, block_size=block_size, scale=parts.scaling * parts.q_prescale, doc_ids=doc_ids, return_map=return_map
+        )
 
-    def __call__(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
-                 block_size: int) -> torch.Tensor:
+    def __call__(
+        self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout, block_size: int
+    ) -> torch.Tensor:
         return self.block_map(parts, hidden, position_embeddings, layout, block_size, return_map=False)[1]

@@ -33,9 +33,10 @@ class SegmentedCrossEntropy(torch.autograd.Function):
         count = (targets != IGNORE_INDEX).sum()
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], segment):
-            logits = F.linear(hidden[start:start + segment], weight, bias).float()
-            total += F.cross_entropy(logits, targets[start:start + segment], ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
+            logits = F.linear(hidden[start : start + segment], weight, bias).float()
+            total += F.cross_entropy(
+                logits, targets[start : start + segment], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
         ctx.save_for_backward(hidden, weight, bias, targets, count.clamp(min=1))
         ctx.segment = segment
         return total / count  # NaN when no position is labelled (zero gradients), as Hugging Face's loss
@@ -49,28 +50,34 @@ class SegmentedCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         scale = grad_loss / count
         for start in range(0, hidden.shape[0], ctx.segment):
-            h = hidden[start:start + ctx.segment]
-            t = targets[start:start + ctx.segment]
+            h = hidden[start : start + ctx.segment]
+            t = targets[start : start + ctx.segment]
             grad = torch.softmax(F.linear(h, weight, bias).float(), dim=-1)
             valid = t != IGNORE_INDEX
             grad[valid, t[valid]] -= 1.0
             grad.mul_(valid[:, None] * scale)
             grad = grad.to(hidden.dtype)  # the plain path casts here too (backward of .float())
             if need_h:
-                grad_h[start:start + ctx.segment] = grad @ weight
+                grad_h[start : start + ctx.segment] = grad @ weight
             if need_w:
                 grad_w += grad.t().float() @ h.float()
             if need_b:
                 grad_b += grad.float().sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
 
 
 LOSS_KERNELS = ("torch", "triton", "liger")
 
 
-def segmented_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                      segment: int = 4096, kernel: str = "torch") -> torch.Tensor:
+def segmented_lm_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, segment: int = 4096, kernel: str = "torch"
+) -> torch.Tensor:
     """Mean next-token cross-entropy of `head(hidden)` against `labels` (B, L), segment by segment.
 
     `kernel`: "torch" (SegmentedCrossEntropy: loss in the forward, logits recomputed in the backward),
@@ -101,16 +108,20 @@ def _liger_loss(hidden, weight, bias, targets):
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError as err:
-        raise ValueError("loss_kernel='liger' needs liger-kernel (`pip install liger-kernel`), which could not be "
-                         f"imported: {err}") from err
+        raise ValueError(
+            f"loss_kernel='liger' needs liger-kernel (`pip install liger-kernel`), which could not be imported: {err}"
+        ) from err
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError(f"liger-kernel's fused linear cross-entropy needs CUDA tensors, got {hidden.device} "
-                           "(or TRITON_INTERPRET=1); use loss_kernel='torch'")
+        raise RuntimeError(
+            f"liger-kernel's fused linear cross-entropy needs CUDA tensors, got {hidden.device} "
+            "(or TRITON_INTERPRET=1); use loss_kernel='torch'"
+        )
     trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and trains_head and not hidden.requires_grad:
         # Liger computes the head's gradients only when its input requires grad.
         hidden = hidden.detach().requires_grad_(True)
     # Same semantics as the torch path: model-dtype logits upcast to fp32, mean over labelled tokens,
     # head gradients accumulated in fp32.
-    return liger_fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index=IGNORE_INDEX,
-                                            reduction="mean", accum_dtype=torch.float32)
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, targets, bias, ignore_index=IGNORE_INDEX, reduction="mean", accum_dtype=torch.float32
+    )

@@ -39,8 +39,15 @@ def block_valid(valid: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(b, nb, block_size).any(-1)
 
 
-def select_blocks(scores: torch.Tensor, valid_blocks: torch.Tensor, *, keep_ratio: float = 0.4,
-                  threshold: float | None = None, keep_first: bool = False, keep_last: bool = False) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor,
+    valid_blocks: torch.Tensor,
+    *,
+    keep_ratio: float = 0.4,
+    threshold: float | None = None,
+    keep_first: bool = False,
+    keep_last: bool = False,
+) -> torch.Tensor:
     """(B, nb) bool mask of kept blocks. `threshold` (relative to the row's mean score) replaces top-k."""
     b, nb = scores.shape
     masked = scores.float().masked_fill(~valid_blocks, float("-inf"))
@@ -85,8 +92,12 @@ def tokens_from_blocks(kept_blocks: torch.Tensor, doc_ids: torch.Tensor, block_s
     else:
         lengths = index.new_zeros(0)
     per_row = None
-    if lengths.numel() == b and bool((lengths == lengths[0]).all()) and torch.equal(
-            torch.unique(row), torch.arange(b, device=row.device)):
+    if (
+        lengths.numel() == b
+        and bool((lengths == lengths[0]).all())
+        and torch.equal(torch.unique(row), torch.arange(b, device=row.device))
+    ):
         per_row = int(lengths[0])
-    return Selection(index=index, lengths=lengths, rows=b, per_row=per_row, kept_blocks=kept_blocks,
-                     eliminated=eliminated)
+    return Selection(
+        index=index, lengths=lengths, rows=b, per_row=per_row, kept_blocks=kept_blocks, eliminated=eliminated
+    )

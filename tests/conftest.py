@@ -1,5 +1,6 @@
 """Test setup. Without a GPU, Triton kernels run in the interpreter (TRITON_INTERPRET=1), which must
 be set before any Triton kernel module is imported; on a GPU machine they run compiled."""
+
 import os
 
 import pytest

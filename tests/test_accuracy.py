@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lemo.accuracy.corpus import Document, local_documents, prepare_corpus, sample_windows, split_documents
 from lemo.accuracy.experiment import load_experiment
@@ -24,8 +24,10 @@ def _docs(n=200):
 
 def test_split_is_deterministic_disjoint_and_holds_long_documents():
     docs = _docs()
-    a, b = split_documents(docs, 0.1, seed=3, min_long=4, long_chars=10_000), split_documents(docs, 0.1, seed=3,
-                                                                                             min_long=4, long_chars=10_000)
+    a, b = (
+        split_documents(docs, 0.1, seed=3, min_long=4, long_chars=10_000),
+        split_documents(docs, 0.1, seed=3, min_long=4, long_chars=10_000),
+    )
     names = lambda s: [d.name for d in s]  # noqa: E731
     assert names(a["train"]) == names(b["train"]) and names(a["heldout"]) == names(b["heldout"])
     assert not set(names(a["train"])) & set(names(a["heldout"]))
@@ -67,7 +69,7 @@ def test_perplexity_equals_direct_computation():
     with torch.no_grad():
         for d in docs[:2]:  # the 100-token document is too short for 256 tokens
             for s in range(0, 256, 64):
-                ids = torch.from_numpy(d[s:s + 64].astype(np.int64))[None]
+                ids = torch.from_numpy(d[s : s + 64].astype(np.int64))[None]
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
                 total -= logp.gather(1, ids[0, 1:, None]).sum().item()
                 count += 63
@@ -86,7 +88,9 @@ def test_every_context_scores_the_same_tokens():
     # the tokens a 32-token window cannot predict are the ones left out at 256: same NLL at 256 otherwise
     ids = torch.from_numpy(np.stack(docs).astype(np.int64))
     with torch.no_grad():
-        nll = F.cross_entropy(model(input_ids=ids).logits[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none")
+        nll = F.cross_entropy(
+            model(input_ids=ids).logits[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none"
+        )
     keep = torch.arange(1, 256) % 32 != 0
     assert math.isclose(runs[2]["nll"], nll[:, keep].mean().item(), rel_tol=1e-5)
     with pytest.raises(ValueError, match="multiple"):
@@ -120,9 +124,9 @@ def test_passkey_places_the_key_where_it_says(depth):
     tok = _CharTokenizer()
     s = make_sample(tok, 4000, depth, key=48213)
     assert len(s.ids) <= 4000
-    assert tok.decode(s.ids[s.key_start:s.key_end]).startswith("The pass key is 48213.")
-    assert tok.decode(s.ids[s.answer_start:]) == " 48213"
-    assert tok.decode(s.ids[:s.answer_start]).endswith("What is the pass key? The pass key is")
+    assert tok.decode(s.ids[s.key_start : s.key_end]).startswith("The pass key is 48213.")
+    assert tok.decode(s.ids[s.answer_start :]) == " 48213"
+    assert tok.decode(s.ids[: s.answer_start]).endswith("What is the pass key? The pass key is")
     frac = s.key_start / s.answer_start
     assert abs(frac - depth) < 0.05  # the key sits at the requested depth of the prompt
     assert 1 not in s.ids  # no BOS inside the prompt
@@ -133,12 +137,17 @@ def test_passkey_prompt_is_tokenized_as_one_text(tmp_path):
     that adds BOS must not put one before every piece."""
     from lemo.accuracy.corpus import train_tokenizer
 
-    tok = train_tokenizer([Document(f"d{i}", "The grass is green. The sky is blue. There and back again. "
-                                    f"The pass key is {i}. " * 20) for i in range(30)], 400)
+    tok = train_tokenizer(
+        [
+            Document(f"d{i}", f"The grass is green. The sky is blue. There and back again. The pass key is {i}. " * 20)
+            for i in range(30)
+        ],
+        400,
+    )
     s = make_sample(tok, 600, 0.5, key=48213)
     assert s.ids == tok.encode(tok.decode(s.ids), add_special_tokens=False).ids
-    assert tok.decode(s.ids[s.answer_start:]).strip() == "48213"
-    assert "The pass key is 48213." in tok.decode(s.ids[s.key_start:s.key_end])
+    assert tok.decode(s.ids[s.answer_start :]).strip() == "48213"
+    assert "The pass key is 48213." in tok.decode(s.ids[s.key_start : s.key_end])
     assert len(s.ids) <= 600
     with pytest.raises(ValueError, match="depth"):
         make_sample(tok, 4000, 1.5, key=1)
@@ -154,18 +163,21 @@ def test_experiment_files_load(name):
     assert exp.method_options("lemo-predictor", Path("/p"))["lemo"]["predictor_path"] == "/p"
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(finetun={}), r"unknown sections \['finetun'\]"),
-    (lambda d: d["corpus"].update(vocab=10), "corpus: unknown key 'vocab'"),
-    (lambda d: d["corpus"].update(heldout_fraction="0.1"), "corpus: heldout_fraction must be a number"),
-    (lambda d: d["predictors"].update(steps=1.5), "predictors: steps must be an integer"),
-    (lambda d: d["pretrain"].update(lr="1e-3"), r"pretrain: PretrainConfig: lr must be a number, got '1e-3'"),
-    (lambda d: d["finetune"].update(step=3), r"finetune: unknown fields \['step'\]"),
-    (lambda d: d["finetune"].update(gradient_checkpointing="no"), "gradient_checkpointing must be true or false"),
-    (lambda d: d["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "method 'lemo-token': mlp_mode"),
-    (lambda d: d["methods"]["lora"]["lora"].update(target="qv"), r"method 'lora': lora options: unknown fields"),
-    (lambda d: d.pop("methods"), r"missing sections \['methods'\]"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda d: d.update(finetun={}), r"unknown sections \['finetun'\]"),
+        (lambda d: d["corpus"].update(vocab=10), "corpus: unknown key 'vocab'"),
+        (lambda d: d["corpus"].update(heldout_fraction="0.1"), "corpus: heldout_fraction must be a number"),
+        (lambda d: d["predictors"].update(steps=1.5), "predictors: steps must be an integer"),
+        (lambda d: d["pretrain"].update(lr="1e-3"), r"pretrain: PretrainConfig: lr must be a number, got '1e-3'"),
+        (lambda d: d["finetune"].update(step=3), r"finetune: unknown fields \['step'\]"),
+        (lambda d: d["finetune"].update(gradient_checkpointing="no"), "gradient_checkpointing must be true or false"),
+        (lambda d: d["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "method 'lemo-token': mlp_mode"),
+        (lambda d: d["methods"]["lora"]["lora"].update(target="qv"), r"method 'lora': lora options: unknown fields"),
+        (lambda d: d.pop("methods"), r"missing sections \['methods'\]"),
+    ],
+)
 def test_bad_experiment_files_fail_at_load_naming_file_and_key(tmp_path, change, words):
     data = yaml.safe_load((ROOT / "workflows/accuracy/ci.yaml").read_text())
     change(data)
@@ -186,19 +198,58 @@ def test_real_checkpoint_path_end_to_end(tmp_path):
     src = tmp_path / "texts"
     src.mkdir()
     for i in range(24):
-        (src / f"t{i}.txt").write_text(f"Chapter {i}. " + "In the beginning was the word, and the word was long. "
-                                       * (40 + 10 * i))
+        (src / f"t{i}.txt").write_text(
+            f"Chapter {i}. " + "In the beginning was the word, and the word was long. " * (40 + 10 * i)
+        )
     tok = train_tokenizer(local_documents(src), 300)
     ckpt = tmp_path / "ckpt"
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(cfg).save_pretrained(ckpt)
     tok.save(str(ckpt / "tokenizer.json"))
     exp = ROOT / "workflows" / "accuracy" / "ci.yaml"
-    assert main(["corpus", "--out", str(tmp_path / "corpus"), "--source", str(src), "--tokenizer",
-                 str(ckpt / "tokenizer.json")]) == 0
-    assert main(["finetune", "--experiment", str(exp), "--model", str(ckpt), "--corpus", str(tmp_path / "corpus"),
-                 "--out", str(tmp_path / "runs"), "--methods", "lora", "lemo-token", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "corpus",
+                "--out",
+                str(tmp_path / "corpus"),
+                "--source",
+                str(src),
+                "--tokenizer",
+                str(ckpt / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                "--experiment",
+                str(exp),
+                "--model",
+                str(ckpt),
+                "--corpus",
+                str(tmp_path / "corpus"),
+                "--out",
+                str(tmp_path / "runs"),
+                "--methods",
+                "lora",
+                "lemo-token",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     import json
 
     rows = json.loads((tmp_path / "runs" / "lemo-token" / "eval.json").read_text())
@@ -213,14 +264,42 @@ def test_accuracy_report_relative_perplexity(tmp_path):
     from lemo.accuracy.report import write_report
 
     runs = tmp_path / "runs"
-    base = {"method": "x", "finetune_config": json.dumps({"rope_factor": 8, "context": 8192, "steps": 1, "batch_size": 1,
-                                                          "lr": 1e-3, "seed": 0, "eval_tokens_per_doc": 16384}),
-            "train_seconds": 1.0, "train_peak_gib": 1.0, "final_loss": 2.0, "gpu": "G", "git_commit": "abc"}
+    base = {
+        "method": "x",
+        "finetune_config": json.dumps(
+            {
+                "rope_factor": 8,
+                "context": 8192,
+                "steps": 1,
+                "batch_size": 1,
+                "lr": 1e-3,
+                "seed": 0,
+                "eval_tokens_per_doc": 16384,
+            }
+        ),
+        "train_seconds": 1.0,
+        "train_peak_gib": 1.0,
+        "final_loss": 2.0,
+        "gpu": "G",
+        "git_commit": "abc",
+    }
     for label, ppl in (("lora", 10.0), ("lemo-token", 11.0)):
         (runs / label).mkdir(parents=True)
-        rows = [{**base, "label": label, "metric": "perplexity", "context": c, "value": ppl * (c / 1024) ** 0.01,
-                 "documents": 3, "tokens": 500} for c in (1024, 8192)]
-        rows.append({**base, "label": label, "metric": "passkey", "context": 1024, "value": 0.5, "token_accuracy": 0.75})
+        rows = [
+            {
+                **base,
+                "label": label,
+                "metric": "perplexity",
+                "context": c,
+                "value": ppl * (c / 1024) ** 0.01,
+                "documents": 3,
+                "tokens": 500,
+            }
+            for c in (1024, 8192)
+        ]
+        rows.append(
+            {**base, "label": label, "metric": "passkey", "context": 1024, "value": 0.5, "token_accuracy": 0.75}
+        )
         (runs / label / "eval.json").write_text(json.dumps(rows))
     paths = write_report(runs, tmp_path / "out", tmp_path / "fig")
     text = (tmp_path / "out" / "summary.md").read_text()

@@ -89,21 +89,32 @@ def saved_predictors(tmp_path_factory):
 
 def _broken_copy(src, dst, meta=None, weights=None):
     dst.mkdir()
-    (dst / "predictors.json").write_text(meta(json.loads((src / "predictors.json").read_text())) if meta
-                                         else (src / "predictors.json").read_text())
+    (dst / "predictors.json").write_text(
+        meta(json.loads((src / "predictors.json").read_text())) if meta else (src / "predictors.json").read_text()
+    )
     data = (src / "predictors.safetensors").read_bytes()
     (dst / "predictors.safetensors").write_bytes(weights(data) if weights else data)
     return dst
 
 
-@pytest.mark.parametrize("meta, weights, words", [
-    (lambda m: "{not json", None, r"predictors.json: not valid JSON"),
-    (None, lambda b: b[: len(b) // 2], r"predictors.safetensors: cannot load"),
-    (lambda m: json.dumps({k: v for k, v in m.items() if k != "identity"}), None,
-     r"predictors.json: missing keys \['identity'\]"),
-    (lambda m: json.dumps({**m, "identity": {}}), None, r"predictors.json: missing keys \['identity.fingerprint'\]"),
-    (lambda m: json.dumps([1]), None, r"predictors.json: format 'list'"),
-])
+@pytest.mark.parametrize(
+    "meta, weights, words",
+    [
+        (lambda m: "{not json", None, r"predictors.json: not valid JSON"),
+        (None, lambda b: b[: len(b) // 2], r"predictors.safetensors: cannot load"),
+        (
+            lambda m: json.dumps({k: v for k, v in m.items() if k != "identity"}),
+            None,
+            r"predictors.json: missing keys \['identity'\]",
+        ),
+        (
+            lambda m: json.dumps({**m, "identity": {}}),
+            None,
+            r"predictors.json: missing keys \['identity.fingerprint'\]",
+        ),
+        (lambda m: json.dumps([1]), None, r"predictors.json: format 'list'"),
+    ],
+)
 def test_broken_predictor_files_fail_naming_the_file(saved_predictors, tmp_path, meta, weights, words):
     model, src = saved_predictors
     path = _broken_copy(src, tmp_path / "broken", meta, weights)

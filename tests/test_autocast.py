@@ -22,9 +22,12 @@ def _loss_and_grads(model, ids):
 def test_lemo_under_autocast_matches_the_dense_model(mlp_mode, movement):
     ids = torch.randint(0, 512, (1, 200))
     ref_loss, ref_grads = _loss_and_grads(tiny_lora_model("llama2-tiny"), ids)
-    model = apply_lemo(tiny_lora_model("llama2-tiny"),
-                       LeMoConfig(keep_ratio=1.0, mlp_mode=mlp_mode, mlp_keep_channels=1.0, movement_kernel=movement,
-                                  segment_loss_tokens=64))
+    model = apply_lemo(
+        tiny_lora_model("llama2-tiny"),
+        LeMoConfig(
+            keep_ratio=1.0, mlp_mode=mlp_mode, mlp_keep_channels=1.0, movement_kernel=movement, segment_loss_tokens=64
+        ),
+    )
     loss, grads = _loss_and_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
     assert grads.keys() == ref_grads.keys() and grads

@@ -1,4 +1,5 @@
 """Tests for lemo.kernels.block_scores (CPU, fp32; Triton runs in the interpreter)."""
+
 import pytest
 import torch
 
@@ -17,9 +18,9 @@ def _docs(kind, B, L):
     d = torch.zeros(B, L, dtype=torch.int64)
     if kind == "rightpad":  # row b has L - 7*(b+1) real tokens, then -1
         for b in range(B):
-            d[b, max(1, L - 7 * (b + 1)):] = -1
+            d[b, max(1, L - 7 * (b + 1)) :] = -1
     elif kind == "packed":  # two packed documents, split point not on a block edge
-        d[:, L // 2 + 3:] = 1
+        d[:, L // 2 + 3 :] = 1
         d = d.to(torch.int32)
     elif kind == "leftpad":
         d[:, :5] = -1

@@ -12,8 +12,18 @@ CHECK = Check("saves", METRIC, "lemo", min=1.5, max=3.0)
 
 
 def _rows(method, ctx, status="ok", value=None, model="llama2-tiny", reason=None):
-    base = dict(model=model, method=method, method_name=method, attention="sdpa-flash", gradient_checkpointing=False,
-                context=ctx, batch_size=1, status=status, reason=reason, git_commit="abc")
+    base = dict(
+        model=model,
+        method=method,
+        method_name=method,
+        attention="sdpa-flash",
+        gradient_checkpointing=False,
+        context=ctx,
+        batch_size=1,
+        status=status,
+        reason=reason,
+        git_commit="abc",
+    )
     if value is None:
         return [{**base, "metric": "status", "value": None}]
     return [{**base, "metric": METRIC, "value": value}]
@@ -24,12 +34,28 @@ def _frame(*groups):
 
 
 def _expected(methods=("lora", "lemo"), contexts=(256, 512), models=("llama2-tiny",)):
-    return [Point(model=m, attention="sdpa-flash", gradient_checkpointing=False, context=c, method=x,
-                  method_name=x, options={}) for m in models for c in contexts for x in methods]
+    return [
+        Point(
+            model=m,
+            attention="sdpa-flash",
+            gradient_checkpointing=False,
+            context=c,
+            method=x,
+            method_name=x,
+            options={},
+        )
+        for m in models
+        for c in contexts
+        for x in methods
+    ]
 
 
-GOOD = [_rows("lora", 256, value=2.0), _rows("lemo", 256, value=1.0), _rows("lora", 512, value=4.0),
-        _rows("lemo", 512, value=2.0)]
+GOOD = [
+    _rows("lora", 256, value=2.0),
+    _rows("lemo", 256, value=1.0),
+    _rows("lora", 512, value=4.0),
+    _rows("lemo", 512, value=2.0),
+]
 
 
 def test_all_points_within_bounds_pass(capsys):
@@ -39,11 +65,14 @@ def test_all_points_within_bounds_pass(capsys):
     assert run_checks(_frame(*GOOD).drop(columns=["reason", "git_commit"]), [CHECK], _expected()) == []
 
 
-@pytest.mark.parametrize("status, reason, words", [
-    ("oom", "out of memory", "lemo oom"),
-    ("error", "ValueError: mlp_mode must be one of", "lemo error (ValueError: mlp_mode must be one of"),
-    ("skipped", "failed at 256 tokens", "lemo skipped (failed at 256 tokens)"),
-])
+@pytest.mark.parametrize(
+    "status, reason, words",
+    [
+        ("oom", "out of memory", "lemo oom"),
+        ("error", "ValueError: mlp_mode must be one of", "lemo error (ValueError: mlp_mode must be one of"),
+        ("skipped", "failed at 256 tokens", "lemo skipped (failed at 256 tokens)"),
+    ],
+)
 def test_a_failed_method_point_fails_the_check_naming_point_and_status(status, reason, words):
     frame = _frame(*GOOD[:3], _rows("lemo", 512, status, reason=reason))
     failures = run_checks(frame, [CHECK], _expected())
@@ -55,8 +84,9 @@ def test_a_missing_point_or_a_whole_missing_job_fails():
     (failure,) = run_checks(_frame(*GOOD[:3]), [CHECK], _expected())
     assert "ctx=512" in failure and "lemo missing (no record)" in failure
     failures = run_checks(_frame(*GOOD), [CHECK], _expected(models=("llama2-tiny", "llama3-tiny")))
-    assert len(failures) == 2 and all("llama3-tiny" in f and "lemo missing" in f and "lora missing" in f
-                                      for f in failures)
+    assert len(failures) == 2 and all(
+        "llama3-tiny" in f and "lemo missing" in f and "lora missing" in f for f in failures
+    )
 
 
 def test_a_missing_or_failed_baseline_fails():
@@ -69,8 +99,10 @@ def test_a_missing_or_failed_baseline_fails():
 def test_baseline_out_of_memory_where_lemo_fits_is_reported_as_a_win(capsys):
     frame = _frame(*GOOD[:2], _rows("lora", 512, "oom", reason="out of memory"), GOOD[3])
     assert run_checks(frame, [CHECK], _expected()) == []
-    assert "WIN  saves: llama2-tiny sdpa-flash gc=False ctx=512 b=1: lora oom (out of memory), lemo fits" in \
-        capsys.readouterr().out
+    assert (
+        "WIN  saves: llama2-tiny sdpa-flash gc=False ctx=512 b=1: lora oom (out of memory), lemo fits"
+        in capsys.readouterr().out
+    )
     frame = _frame(*GOOD[:2], _rows("lora", 512, "skipped", reason="out of memory at 256 tokens"), GOOD[3])
     assert run_checks(frame, [CHECK], _expected()) == []  # skipped after a smaller OOM: still a win
 
@@ -87,20 +119,25 @@ def test_duplicate_records_of_a_point_fail():
     assert "lemo 2 records" in failure
 
 
-@pytest.mark.parametrize("text, words", [
-    ("checks: []\n", "`checks` must be a non-empty list"),
-    ("sweep: x.yaml\n", "`checks` must be a non-empty list"),
-    ("checks:\n  - {name: a, metric: m, method: lemo}\n", r"checks\[0\] \(a\): check 'a': give min and/or max"),
-    ("checks:\n  - {name: a, metric: m, method: lemo, min: '1.5'}\n", r"\(a\): Check: min must be a number"),
-    ("checks:\n  - {name: a, metric: m, method: lemo, min: 2, max: 1}\n", "min 2 > max 1"),
-    ("checks:\n  - {name: a, metric: m, method: lemo, min: 1, min_ctx: 5}\n", r"unknown keys \['min_ctx'\]"),
-    ("checks:\n  - {name: a, metric: m, min: 1}\n", r"missing keys \['method'\]"),
-    ("checks:\n  - {name: a, metric: m, method: x, min: 1}\n  - {name: a, metric: m, method: y, min: 1}\n",
-     r"check names repeat: \['a'\]"),
-    ("checks: [ {name: a\n", "not valid YAML"),
-    ("- a\n", "expected a mapping"),
-    ("check: []\n", r"unknown keys \['check'\]"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("checks: []\n", "`checks` must be a non-empty list"),
+        ("sweep: x.yaml\n", "`checks` must be a non-empty list"),
+        ("checks:\n  - {name: a, metric: m, method: lemo}\n", r"checks\[0\] \(a\): check 'a': give min and/or max"),
+        ("checks:\n  - {name: a, metric: m, method: lemo, min: '1.5'}\n", r"\(a\): Check: min must be a number"),
+        ("checks:\n  - {name: a, metric: m, method: lemo, min: 2, max: 1}\n", "min 2 > max 1"),
+        ("checks:\n  - {name: a, metric: m, method: lemo, min: 1, min_ctx: 5}\n", r"unknown keys \['min_ctx'\]"),
+        ("checks:\n  - {name: a, metric: m, min: 1}\n", r"missing keys \['method'\]"),
+        (
+            "checks:\n  - {name: a, metric: m, method: x, min: 1}\n  - {name: a, metric: m, method: y, min: 1}\n",
+            r"check names repeat: \['a'\]",
+        ),
+        ("checks: [ {name: a\n", "not valid YAML"),
+        ("- a\n", "expected a mapping"),
+        ("check: []\n", r"unknown keys \['check'\]"),
+    ],
+)
 def test_bad_thresholds_files_fail_naming_file_and_key(tmp_path, text, words):
     path = tmp_path / "thresholds.yaml"
     path.write_text(text)
@@ -109,12 +146,17 @@ def test_bad_thresholds_files_fail_naming_file_and_key(tmp_path, text, words):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("", "empty file"),
-    ("model,method,method_name,attention,gradient_checkpointing,context,batch_size,status,metric,value\n",
-     r"no rows \(header only\)"),
-    ("a,b\n1,2\n", "missing columns"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "empty file"),
+        (
+            "model,method,method_name,attention,gradient_checkpointing,context,batch_size,status,metric,value\n",
+            r"no rows \(header only\)",
+        ),
+        ("a,b\n1,2\n", "missing columns"),
+    ],
+)
 def test_bad_result_csvs_fail_naming_the_file(tmp_path, text, words):
     path = tmp_path / "sweep.csv"
     path.write_text(text)
@@ -127,11 +169,15 @@ def test_cli_prints_each_failure_and_refuses_bad_inputs(tmp_path, capsys):
     csv = tmp_path / "sweep.csv"
     _frame(*GOOD[:3], _rows("lemo", 512, "oom", reason="out of memory")).to_csv(csv, index=False)
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("name: t\nmethods: {lora: {method: lora}, lemo: {method: lemo}}\ngroups:\n"
-                     "  - {models: [llama2-tiny], attention: [sdpa-flash], gradient_checkpointing: false,\n"
-                     "     contexts: [256, 512], methods: [lora, lemo]}\n")
+    sweep.write_text(
+        "name: t\nmethods: {lora: {method: lora}, lemo: {method: lemo}}\ngroups:\n"
+        "  - {models: [llama2-tiny], attention: [sdpa-flash], gradient_checkpointing: false,\n"
+        "     contexts: [256, 512], methods: [lora, lemo]}\n"
+    )
     thresholds = tmp_path / "t.yaml"
-    thresholds.write_text(f"sweep: sweep.yaml\nchecks:\n  - {{name: saves, metric: {METRIC}, method: lemo, min: 1.5}}\n")
+    thresholds.write_text(
+        f"sweep: sweep.yaml\nchecks:\n  - {{name: saves, metric: {METRIC}, method: lemo, min: 1.5}}\n"
+    )
     assert main(["check", str(csv), "--thresholds", str(thresholds)]) == 1
     err = capsys.readouterr().err
     assert "1 failure(s)" in err and "FAIL saves: llama2-tiny sdpa-flash gc=False ctx=512 b=1: lemo oom" in err

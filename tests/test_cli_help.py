@@ -18,10 +18,13 @@ def test_every_option_of_every_subcommand_has_help():
     parser = build_parser()
     commands = [("lemo", parser)] + [(f"lemo {name}", p) for name, p in _subcommands(parser)]
     assert len(commands) > 20
-    missing = [f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
-               for name, p in commands for action in p._actions
-               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
-               and not (action.help or "").strip()]
+    missing = [
+        f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+        for name, p in commands
+        for action in p._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+        and not (action.help or "").strip()
+    ]
     assert not missing, f"options without help: {missing}"
 
 

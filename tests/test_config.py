@@ -13,24 +13,34 @@ def test_paper_schedule_matches_the_artifact_and_the_default_starts_at_layer_2()
 
 
 def test_json_round_trip_keeps_every_field():
-    cfg = LeMoConfig(keep_ratio=0.25, selection="threshold", threshold={3: 1.5, 5: 0.8}, sparse_layers=[5, 3],
-                     mlp_mode="channel", keep_first_block=True, segment_loss_tokens=0)
+    cfg = LeMoConfig(
+        keep_ratio=0.25,
+        selection="threshold",
+        threshold={3: 1.5, 5: 0.8},
+        sparse_layers=[5, 3],
+        mlp_mode="channel",
+        keep_first_block=True,
+        segment_loss_tokens=0,
+    )
     back = LeMoConfig.from_json(cfg.to_json())
     assert back == cfg
     assert back.threshold == {3: 1.5, 5: 0.8} and back.sparse_layers == [3, 5]
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(keep_ratio=0.0), "keep_ratio"),
-    (dict(keep_ratio=1.5), "keep_ratio"),
-    (dict(mlp_mode="both"), "mlp_mode"),
-    (dict(selection="random"), "selection"),
-    (dict(mlp_keep_channels=0), "mlp_keep_channels"),
-    (dict(kernels="cuda"), "kernels"),
-    (dict(segment_loss_tokens=-1), "segment_loss_tokens"),
-    (dict(min_sparse_tokens=-1), "min_sparse_tokens"),
-    (dict(min_sparse_tokens=8.5), "min_sparse_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(keep_ratio=0.0), "keep_ratio"),
+        (dict(keep_ratio=1.5), "keep_ratio"),
+        (dict(mlp_mode="both"), "mlp_mode"),
+        (dict(selection="random"), "selection"),
+        (dict(mlp_keep_channels=0), "mlp_keep_channels"),
+        (dict(kernels="cuda"), "kernels"),
+        (dict(segment_loss_tokens=-1), "segment_loss_tokens"),
+        (dict(min_sparse_tokens=-1), "min_sparse_tokens"),
+        (dict(min_sparse_tokens=8.5), "min_sparse_tokens"),
+    ],
+)
 def test_bad_values_fail_naming_the_field(kwargs, words):
     with pytest.raises(ValueError, match=words):
         LeMoConfig(**kwargs)
@@ -53,25 +63,28 @@ def test_threshold_dict_must_cover_sparse_layers():
         cfg.layer_threshold(2)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(active_in_eval="false"), r"active_in_eval must be true or false, got 'false' \(str\)"),
-    (dict(keep_first_block=1), "keep_first_block must be true or false"),
-    (dict(sparse_layers="12"), "sparse_layers must be a list of layer indices"),
-    (dict(sparse_layers=[1.7]), r"sparse_layers must hold integers >= 0, got \[1.7\]"),
-    (dict(sparse_layers=[True]), "sparse_layers must hold integers"),
-    (dict(sparse_layers=[-1]), "sparse_layers must hold integers >= 0"),
-    (dict(keep_ratio="0.4"), r"keep_ratio must be a number, got '0.4' \(str\)"),
-    (dict(keep_ratio=float("nan")), "keep_ratio must be in"),
-    (dict(block_size=None), r"block_size must be an integer, got None"),
-    (dict(block_size=16.5), "block_size must be an integer"),
-    (dict(segment_loss_tokens=1024.0), "segment_loss_tokens must be an integer"),
-    (dict(threshold=float("nan")), "threshold must be a finite number >= 0"),
-    (dict(threshold=-0.5), "threshold must be a finite number >= 0"),
-    (dict(threshold={3: float("inf")}), r"threshold\[3\] must be a finite number"),
-    (dict(threshold={"x": 1.0}), "threshold keys must be layer indices"),
-    (dict(mlp_mode=None), "mlp_mode must be a string"),
-    (dict(predictor_path=3), "predictor_path must be a string or null"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(active_in_eval="false"), r"active_in_eval must be true or false, got 'false' \(str\)"),
+        (dict(keep_first_block=1), "keep_first_block must be true or false"),
+        (dict(sparse_layers="12"), "sparse_layers must be a list of layer indices"),
+        (dict(sparse_layers=[1.7]), r"sparse_layers must hold integers >= 0, got \[1.7\]"),
+        (dict(sparse_layers=[True]), "sparse_layers must hold integers"),
+        (dict(sparse_layers=[-1]), "sparse_layers must hold integers >= 0"),
+        (dict(keep_ratio="0.4"), r"keep_ratio must be a number, got '0.4' \(str\)"),
+        (dict(keep_ratio=float("nan")), "keep_ratio must be in"),
+        (dict(block_size=None), r"block_size must be an integer, got None"),
+        (dict(block_size=16.5), "block_size must be an integer"),
+        (dict(segment_loss_tokens=1024.0), "segment_loss_tokens must be an integer"),
+        (dict(threshold=float("nan")), "threshold must be a finite number >= 0"),
+        (dict(threshold=-0.5), "threshold must be a finite number >= 0"),
+        (dict(threshold={3: float("inf")}), r"threshold\[3\] must be a finite number"),
+        (dict(threshold={"x": 1.0}), "threshold keys must be layer indices"),
+        (dict(mlp_mode=None), "mlp_mode must be a string"),
+        (dict(predictor_path=3), "predictor_path must be a string or null"),
+    ],
+)
 def test_wrong_types_fail_naming_field_value_and_what_is_allowed(kwargs, words):
     with pytest.raises(ValueError, match=words):
         LeMoConfig(**kwargs)

@@ -17,6 +17,7 @@ from lemo.accuracy.corpus import Document, check_sources, prepare_corpus, split_
 @pytest.fixture
 def no_apt(monkeypatch):
     """Any download attempt fails the test: the package trees must be found in the cache."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"tried to run {args[0] if args else kwargs}")
 
@@ -82,11 +83,16 @@ def _b64(n):
 
 
 def test_gcide_entries_grouped_by_letter_without_header(tmp_path, no_apt):
-    entries = ["00-database-url\n   ftp://example\n",
-               "00-database-info\n   This file was converted\n\nGCIDE is free software; licence text\n"]
-    entries += [f"Apple{i} \\Ap\"ple\\, n.\n   A fruit number {i}.\n   [1913 Webster]\n" for i in range(30)]
-    entries += ["Bear \\Bear\\, v. t.\n   To carry.\n\n         He bore it.   --Shak.\n   [1913 Webster]\n",
-                "zygote \\zy\"gote\\, n.\n   A cell.\n", "3-D \n   three-dimensional.\n"]
+    entries = [
+        "00-database-url\n   ftp://example\n",
+        "00-database-info\n   This file was converted\n\nGCIDE is free software; licence text\n",
+    ]
+    entries += [f'Apple{i} \\Ap"ple\\, n.\n   A fruit number {i}.\n   [1913 Webster]\n' for i in range(30)]
+    entries += [
+        "Bear \\Bear\\, v. t.\n   To carry.\n\n         He bore it.   --Shak.\n   [1913 Webster]\n",
+        'zygote \\zy"gote\\, n.\n   A cell.\n',
+        "3-D \n   three-dimensional.\n",
+    ]
     data, index, offset = b"", [], 0
     for e in entries:
         raw = e.encode()
@@ -141,12 +147,15 @@ def _synthetic_sources(monkeypatch):
 
     def prose(cache):
         rng = np.random.default_rng(0)
-        return [Document(f"prose/book{i}", " ".join(rng.choice(words, 40 + 900 * (i % 3 == 0))) + ".\n")
-                for i in range(24)]
+        return [
+            Document(f"prose/book{i}", " ".join(rng.choice(words, 40 + 900 * (i % 3 == 0))) + ".\n") for i in range(24)
+        ]
 
     def dictionary(cache):
-        return [Document(f"dict/{c}#0", "".join(f"{c}{k} \\{c}{k}\\, n.\n   A word.\n\n" for k in range(150)))
-                for c in "ABCDEFGH"]
+        return [
+            Document(f"dict/{c}#0", "".join(f"{c}{k} \\{c}{k}\\, n.\n   A word.\n\n" for k in range(150)))
+            for c in "ABCDEFGH"
+        ]
 
     monkeypatch.setitem(corpus.SOURCES, "prose", prose)
     monkeypatch.setitem(corpus.SOURCES, "dict", dictionary)
@@ -158,8 +167,16 @@ def test_long_heldout_guarantee_cut_and_train_cap(tmp_path, monkeypatch, no_apt)
     tok = train_tokenizer(docs, 300)
     tok.save(str(tmp_path / "tokenizer.json"))
     long_tokens, min_long, max_doc = 300, 10, 700
-    opts = dict(cache=tmp_path / "cache", tokenizer=tmp_path / "tokenizer.json", sources=["prose", "dict"],
-                heldout_fraction=0.05, seed=0, min_long=min_long, long_tokens=long_tokens, max_doc_tokens=max_doc)
+    opts = dict(
+        cache=tmp_path / "cache",
+        tokenizer=tmp_path / "tokenizer.json",
+        sources=["prose", "dict"],
+        heldout_fraction=0.05,
+        seed=0,
+        min_long=min_long,
+        long_tokens=long_tokens,
+        max_doc_tokens=max_doc,
+    )
     full = prepare_corpus(tmp_path / "full", **opts)
     capped = prepare_corpus(tmp_path / "capped", max_train_tokens=2000, **opts)
     for out, stats in ((tmp_path / "full", full), (tmp_path / "capped", capped)):

@@ -13,24 +13,28 @@ from lemo.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_r
 from lemo.segment_loss import segmented_lm_loss
 from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
 
-pytestmark = pytest.mark.skipif(not ce.triton_available("cuda" if torch.cuda.is_available() else "cpu"),
-                                reason="needs triton (CUDA or TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(
+    not ce.triton_available("cuda" if torch.cuda.is_available() else "cpu"),
+    reason="needs triton (CUDA or TRITON_INTERPRET=1)",
+)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _plain(hidden, head, labels):
     logits = head(hidden).float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-@pytest.mark.parametrize("n, v, block, ignored", [
-    (1, 1000, None, "none"),  # single row, V not a power of two
-    (37, 1000, 256, "some"),  # several blocks per row, last one partial; n odd
-    (5, 32003, None, "some"),  # Llama-like V + 3: partial last block of the default size
-    (6, 257, 64, "all"),  # every row ignored: zero loss, zero gradient
-    (3, 17, None, "none"),  # V smaller than the minimum block
-])
+@pytest.mark.parametrize(
+    "n, v, block, ignored",
+    [
+        (1, 1000, None, "none"),  # single row, V not a power of two
+        (37, 1000, 256, "some"),  # several blocks per row, last one partial; n odd
+        (5, 32003, None, "some"),  # Llama-like V + 3: partial last block of the default size
+        (6, 257, 64, "all"),  # every row ignored: zero loss, zero gradient
+        (3, 17, None, "none"),  # V smaller than the minimum block
+    ],
+)
 def test_kernel_matches_reference(n, v, block, ignored):
     z = torch.randn(n, v, device=DEV) * 4
     t = torch.randint(0, v, (n,), device=DEV)
@@ -102,15 +106,17 @@ def test_fused_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match="dtype"):
         fused_linear_cross_entropy(torch.randn(3, 8, dtype=torch.float64), w, None, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="loss kernel"):
-        segmented_lm_loss(torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long),
-                          kernel="bogus")
+        segmented_lm_loss(
+            torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long), kernel="bogus"
+        )
 
 
 def test_triton_unavailable_raises(monkeypatch):
     monkeypatch.setattr(ce, "_interpreter_on", lambda: False)
     with pytest.raises(RuntimeError, match="loss_kernel='torch'"):
-        segmented_lm_loss(torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long),
-                          kernel="triton")
+        segmented_lm_loss(
+            torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long), kernel="triton"
+        )
 
 
 def test_liger_missing_raises_clear_error(monkeypatch):
@@ -123,8 +129,9 @@ def test_liger_missing_raises_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_liger)
     with pytest.raises(ValueError, match="pip install liger-kernel"):
-        segmented_lm_loss(torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long),
-                          kernel="liger")
+        segmented_lm_loss(
+            torch.randn(1, 5, 8), torch.nn.Linear(8, 10), torch.zeros(1, 5, dtype=torch.long), kernel="liger"
+        )
 
 
 @pytest.mark.parametrize("train_head", [False, True])

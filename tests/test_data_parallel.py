@@ -55,7 +55,7 @@ def _perturb_adapters(model, rank):
 
 def _check_step(rank, world, model, ref, ids, grads_of):
     ref_loss, ref_grads, ref_kept, _ = ref
-    local = ids[rank:rank + 1]
+    local = ids[rank : rank + 1]
     loss = model(input_ids=local, labels=local).loss
     loss.backward()
     mean = loss.detach().clone()

@@ -3,15 +3,14 @@ Snakemake rules, locally and through the Slurm profile (snakemake-executor-plugi
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lemo.distributed.points import dist_points, find_point
 from lemo.bench.sweep import load_sweep
+from lemo.distributed.points import dist_points, find_point
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = "workflows/sweeps/ci-multigpu.yaml"
@@ -20,17 +19,41 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def _launch(point_id, out):
     p = find_point(load_sweep(ROOT / SWEEP), point_id)
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(p.gpus), "-m", "lemo", "dist-bench",
-           "--sweep", SWEEP, "--point", point_id, "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc-per-node",
+        str(p.gpus),
+        "-m",
+        "lemo",
+        "dist-bench",
+        "--sweep",
+        SWEEP,
+        "--point",
+        point_id,
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(Path(out).read_text())
 
 
-@pytest.mark.parametrize("point_id", ["sp__g2__llama3-tiny__sdpa-math__gc1__lemo-token__256",
-                                      "ddp__g2__llama3-tiny__sdpa-math__gc0__lemo-token__128",
-                                      "fsdp2__g2__llama3-tiny__sdpa-math__gc1__lemo-token__128"])
+@pytest.mark.parametrize(
+    "point_id",
+    [
+        "sp__g2__llama3-tiny__sdpa-math__gc1__lemo-token__256",
+        "ddp__g2__llama3-tiny__sdpa-math__gc0__lemo-token__128",
+        "fsdp2__g2__llama3-tiny__sdpa-math__gc1__lemo-token__128",
+    ],
+)
 def test_dist_bench_records_a_two_process_point(point_id, tmp_path):
     rec = _launch(point_id, tmp_path / "r.json")
     assert rec["status"] == "ok" and rec["id"] == point_id
@@ -49,8 +72,25 @@ def test_failed_launch_leaves_a_record(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, "-m", "lemo", "dist-bench", "--sweep", SWEEP, "--point", point_id, "--out",
-                    str(out), "--record-failure", str(log)], cwd=ROOT, check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lemo",
+            "dist-bench",
+            "--sweep",
+            SWEEP,
+            "--point",
+            point_id,
+            "--out",
+            str(out),
+            "--record-failure",
+            str(log),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
     rec = json.loads(out.read_text())
     assert rec["status"] == "oom" and "Tried to allocate" in rec["reason"] and rec["metrics"] == {}
 
@@ -73,8 +113,13 @@ def test_report_scaling_and_max_context(tmp_path):
 
 
 def _dry_run(*args):
-    done = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-n", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-n", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -85,9 +130,10 @@ def test_snakemake_dry_run_of_the_multigpu_sweep():
     assert out.count("rule dist_point:") == len(dist_points(load_sweep(ROOT / SWEEP)))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
-                    reason="snakemake-executor-plugin-slurm is not installed (pip install "
-                           "snakemake-executor-plugin-slurm==2.8.0)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+    reason="snakemake-executor-plugin-slurm is not installed (pip install snakemake-executor-plugin-slurm==2.8.0)",
+)
 def test_slurm_profile_dry_run():
     out = _dry_run("--workflow-profile", "workflows/profiles/slurm")
     assert "Using workflow specific profile workflows/profiles/slurm" in out
@@ -96,4 +142,5 @@ def test_slurm_profile_dry_run():
         assert f"gpu={gpus}, cpus_per_gpu=16" in out
     assert "tasks=" not in out
     assert out.count("torchrun --standalone --nproc-per-node") == len(
-        dist_points(load_sweep(ROOT / "workflows/sweeps/h200-multigpu.yaml")))
+        dist_points(load_sweep(ROOT / "workflows/sweeps/h200-multigpu.yaml"))
+    )

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from baselines.attention import attention_context
 from baselines.lora import apply_lora
@@ -32,7 +31,18 @@ def test_keep_ratio_one_equals_untouched_model(name, checkpointing):
     with attention_context("sdpa-flash"):
         ref_logits = model(input_ids=ids).logits.detach()
         ref_loss, ref_grads = _loss_and_grads(model, input_ids=ids, labels=ids)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=1.0, mlp_mode="token", segment_loss_tokens=0, block_size=16))
+        apply_lemo(
+            model,
+            LeMoConfig(
+                shared_selection=False,
+                loss_tokens="all",
+                sparse_first=None,
+                keep_ratio=1.0,
+                mlp_mode="token",
+                segment_loss_tokens=0,
+                block_size=16,
+            ),
+        )
         logits = model(input_ids=ids).logits.detach()
         loss, grads = _loss_and_grads(model, input_ids=ids, labels=ids)
     assert lemo_state(model).selections, "no sparse layer ran"
@@ -45,7 +55,17 @@ def test_peft_after_lemo_and_remove_restores():
     base = build_model("llama3-tiny", dtype=torch.float32)
     ids = torch.randint(0, 512, (1, 130))
     reference = copy.deepcopy(base)
-    apply_lemo(base, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
+    apply_lemo(
+        base,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            keep_ratio=0.5,
+            block_size=16,
+            segment_loss_tokens=0,
+        ),
+    )
     model = apply_lora(base)  # LoRA after LeMo: targets found inside the LeMo layers
     names_with = {n for n, _ in model.named_parameters()}
     model.train()
@@ -67,11 +87,15 @@ def test_eval_mode_runs_the_dense_model():
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.3, block_size=16))
+        apply_lemo(
+            model,
+            LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.3, block_size=16),
+        )
         torch.testing.assert_close(model(input_ids=ids).logits, ref)
 
 
 # ---- masked dense reference -------------------------------------------------------------------
+
 
 def _reference_layer(layer, parts, keep, doc_ids, mlp_mode):
     """Dense computation of a sparse layer: eliminated tokens' updates are zeroed and their keys masked."""
@@ -86,7 +110,7 @@ def _reference_layer(layer, parts, keep, doc_ids, mlp_mode):
         if parts.rope:
             cos, sin = position_embeddings
             cos, sin = cos[:, None], sin[:, None]
-            rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
+            rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)  # noqa: E731
             q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         g = parts.num_heads // parts.num_kv_heads
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -123,15 +147,24 @@ def test_sparse_layers_match_masked_dense_reference(name, mode):
         pos = torch.cat([torch.arange(60), torch.arange(90)])[None].expand(b, -1)
         batch["position_ids"] = pos
     reference = copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=16, mlp_mode="token", segment_loss_tokens=0)
+    cfg = LeMoConfig(
+        shared_selection=False,
+        loss_tokens="all",
+        sparse_first=None,
+        keep_ratio=0.4,
+        block_size=16,
+        mlp_mode="token",
+        segment_loss_tokens=0,
+    )
     apply_lemo(model, cfg)
     with attention_context("sdpa-math"):
         loss, grads = _loss_and_grads(model, **batch)
     state = lemo_state(model)
     assert set(state.selections) == {1, 2}
     # Patch the reference's sparse layers with masked dense computations using LeMo's own selections.
-    keeps = patch_reference_layers(reference, state, lambda layer, parts, keep: _reference_layer(
-        layer, parts, keep, state.layout.doc_ids, "token"))
+    keeps = patch_reference_layers(
+        reference, state, lambda layer, parts, keep: _reference_layer(layer, parts, keep, state.layout.doc_ids, "token")
+    )
     for keep in keeps.values():
         kept_frac = keep.float().mean().item()
         assert 0.2 < kept_frac < 0.7, kept_frac  # something was eliminated, something kept
@@ -146,7 +179,18 @@ def test_channel_mode_forward_equals_token_mode_reference_forward():
     model = tiny_lora_model("llama2-tiny")
     ids = torch.randint(0, 512, (1, 96))
     reference = copy.deepcopy(model)
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, mlp_mode="channel", segment_loss_tokens=0))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            keep_ratio=0.5,
+            block_size=16,
+            mlp_mode="channel",
+            segment_loss_tokens=0,
+        ),
+    )
     loss = model(input_ids=ids, labels=ids).loss
     state = lemo_state(model)
     lm = unwrap(reference)
@@ -155,15 +199,24 @@ def test_channel_mode_forward_equals_token_mode_reference_forward():
         keep = torch.zeros(96, dtype=torch.bool)
         keep[sel.index] = True
         layer = adapter.decoder(lm).layers[i]
-        layer.forward = _reference_layer(layer, adapter.parts(layer), keep.view(1, 96), state.layout.doc_ids,
-                                         "channel")
+        layer.forward = _reference_layer(layer, adapter.parts(layer), keep.view(1, 96), state.layout.doc_ids, "channel")
     torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
 
 
 def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
     model = tiny_lora_model("llama2-tiny")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.5, block_size=16, segment_loss_tokens=0))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            keep_ratio=0.5,
+            block_size=16,
+            segment_loss_tokens=0,
+        ),
+    )
     calls = []
     lm = unwrap(model)
     layer = lm.model.layers[1]
@@ -179,9 +232,12 @@ def test_selection_is_not_recomputed_under_checkpointing(monkeypatch):
     assert len(calls) == 1 and lemo_state(model).selections
 
 
-@pytest.mark.parametrize("bad, words", [
-    (dict(sparse_layers=[9]), "out of range"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (dict(sparse_layers=[9]), "out of range"),
+    ],
+)
 def test_bad_config_fails_clearly(bad, words):
     model = tiny_lora_model("llama2-tiny")
     with pytest.raises(ValueError, match=words):
@@ -190,9 +246,15 @@ def test_bad_config_fails_clearly(bad, words):
 
 def test_unsupported_models_fail_clearly():
     with pytest.raises(ValueError, match="pre-norm"):
-        apply_lemo(build_model("opt-350m", device="meta"), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
+        apply_lemo(
+            build_model("opt-350m", device="meta"),
+            LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None),
+        )
     with pytest.raises(ValueError, match="gated SiLU"):
-        apply_lemo(build_model("opt-tiny", dtype=torch.float32), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, mlp_mode="channel"))
+        apply_lemo(
+            build_model("opt-tiny", dtype=torch.float32),
+            LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, mlp_mode="channel"),
+        )
     gpt2 = type("Fake", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
     with pytest.raises(ValueError, match="does not support model_type 'gpt2'"):
         apply_lemo(gpt2, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None))
@@ -205,7 +267,17 @@ def test_unsupported_models_fail_clearly():
 def test_kept_fraction_follows_keep_ratio():
     model = tiny_lora_model("llama2-tiny")
     length, bs = 200, 16
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.3, block_size=bs, segment_loss_tokens=0))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            keep_ratio=0.3,
+            block_size=bs,
+            segment_loss_tokens=0,
+        ),
+    )
     ids = torch.randint(0, 512, (1, length))
     model(input_ids=ids, labels=ids)
     nb = math.ceil(length / bs)

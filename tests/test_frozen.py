@@ -16,7 +16,7 @@ from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers
 
 
 def _rot(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)
+    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
 
 
 def _frozen_reference(parts, keep, doc_ids, mlp_mode, keys, block_size):
@@ -67,8 +67,18 @@ def test_frozen_matches_masked_dense_reference(name, keys, mlp_mode, movement):
     pos = torch.cat([torch.arange(60), torch.arange(90)])[None].expand(b, -1)  # two packed documents
     batch = {"input_ids": ids, "labels": ids, "position_ids": pos}
     reference = copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=bs, mlp_mode=mlp_mode, segment_loss_tokens=0,
-                     eliminated="frozen", frozen_keys=keys, movement_kernel=movement)
+    cfg = LeMoConfig(
+        shared_selection=False,
+        loss_tokens="all",
+        sparse_first=None,
+        keep_ratio=0.4,
+        block_size=bs,
+        mlp_mode=mlp_mode,
+        segment_loss_tokens=0,
+        eliminated="frozen",
+        frozen_keys=keys,
+        movement_kernel=movement,
+    )
     apply_lemo(model, cfg)
     with attention_context("sdpa-math"):
         model.zero_grad(set_to_none=True)
@@ -76,8 +86,11 @@ def test_frozen_matches_masked_dense_reference(name, keys, mlp_mode, movement):
         loss.backward()
     grads = lora_grads(model)
     state = lemo_state(model)
-    keeps = patch_reference_layers(reference, state, lambda layer, parts, keep: _frozen_reference(
-        parts, keep, state.layout.doc_ids, mlp_mode, keys, bs))
+    keeps = patch_reference_layers(
+        reference,
+        state,
+        lambda layer, parts, keep: _frozen_reference(parts, keep, state.layout.doc_ids, mlp_mode, keys, bs),
+    )
     for i, keep in keeps.items():
         assert 0.2 < keep.float().mean() < 0.7
         sel = state.selections[i]
@@ -98,8 +111,19 @@ def test_frozen_is_closer_to_dense_than_skip():
     gaps = {}
     for eliminated in ("skip", "frozen"):
         model = copy.deepcopy(base)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.25, block_size=16, eliminated=eliminated, frozen_keys="all",
-                                     segment_loss_tokens=0))
+        apply_lemo(
+            model,
+            LeMoConfig(
+                shared_selection=False,
+                loss_tokens="all",
+                sparse_first=None,
+                keep_ratio=0.25,
+                block_size=16,
+                eliminated=eliminated,
+                frozen_keys="all",
+                segment_loss_tokens=0,
+            ),
+        )
         gaps[eliminated] = abs(model(input_ids=ids, labels=ids).loss.item() - dense)
     assert gaps["frozen"] < gaps["skip"]
 
@@ -115,7 +139,18 @@ def test_frozen_saves_nothing_of_eliminated_tokens():
     saved = {}
     for eliminated in ("skip", "frozen"):
         model = copy.deepcopy(base)
-        apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.25, block_size=16, eliminated=eliminated, segment_loss_tokens=0))
+        apply_lemo(
+            model,
+            LeMoConfig(
+                shared_selection=False,
+                loss_tokens="all",
+                sparse_first=None,
+                keep_ratio=0.25,
+                block_size=16,
+                eliminated=eliminated,
+                segment_loss_tokens=0,
+            ),
+        )
         saved[eliminated] = saved_activation_bytes(model, {"input_ids": ids, "labels": ids}).total
         index_bytes = sum(s.eliminated.numel() * 8 for s in lemo_state(model).selections.values())
     assert saved["frozen"] == saved["skip"] + index_bytes

@@ -5,7 +5,6 @@ another exception (a raw traceback). Derandomized, so CI runs the same examples 
 import copy
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
@@ -21,13 +20,26 @@ from tests.test_check import GOOD, _frame
 from tests.test_sweep_bench import SWEEP
 
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2, 70000), st.floats(allow_nan=True, allow_infinity=True),
-                 st.text(max_size=6), st.sampled_from(["lora", "lemo", "token", "topk", "qkvo", "1.5", "true",
-                                                       "llama2-tiny", "sdpa-flash", "{predictors}"]),
-                 st.lists(st.integers(-1, 5), max_size=3), st.just({}), st.just({"method": "lemo"}))
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 70000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(
+        ["lora", "lemo", "token", "topk", "qkvo", "1.5", "true", "llama2-tiny", "sdpa-flash", "{predictors}"]
+    ),
+    st.lists(st.integers(-1, 5), max_size=3),
+    st.just({}),
+    st.just({"method": "lemo"}),
+)
 
 
 def _paths(doc, prefix=()):
@@ -77,8 +89,23 @@ def test_fuzzed_sweeps_load_or_fail_cleanly(sweep):
 
 
 @FUZZ
-@given(mutated({"sweep": "s.yaml", "checks": [{"name": "a", "metric": "saved_activation_gib", "method": "lemo",
-                                                "min": 1.5, "max": 3.0, "gradient_checkpointing": False}]}))
+@given(
+    mutated(
+        {
+            "sweep": "s.yaml",
+            "checks": [
+                {
+                    "name": "a",
+                    "metric": "saved_activation_gib",
+                    "method": "lemo",
+                    "min": 1.5,
+                    "max": 3.0,
+                    "gradient_checkpointing": False,
+                }
+            ],
+        }
+    )
+)
 def test_fuzzed_thresholds_load_or_fail_cleanly(tmp_path, data):
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -117,25 +144,57 @@ def test_fuzzed_lemo_configs_build_or_fail_cleanly(fields):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     sweep = {**copy.deepcopy(SWEEP), "device": "cuda"}  # no CUDA here: every point is recorded as skipped, fast
-    contents = {"empty": "", "brace": "{", "list.yaml": "- a\n", "sweep.yaml": yaml.safe_dump(sweep),
-                "bad-sweep.yaml": yaml.safe_dump({**sweep, "step": 1}), "t.yaml": "sweep: sweep.yaml\nchecks: []\n",
-                "header.csv": "model,method\n", "bytes": "\udcff", "good.csv": _frame(*GOOD).to_csv(index=False),
-                "good-t.yaml": "sweep: sweep.yaml\nchecks: [{name: a, metric: saved_activation_gib, method: lemo, min: 1}]\n"}
+    contents = {
+        "empty": "",
+        "brace": "{",
+        "list.yaml": "- a\n",
+        "sweep.yaml": yaml.safe_dump(sweep),
+        "bad-sweep.yaml": yaml.safe_dump({**sweep, "step": 1}),
+        "t.yaml": "sweep: sweep.yaml\nchecks: []\n",
+        "header.csv": "model,method\n",
+        "bytes": "\udcff",
+        "good.csv": _frame(*GOOD).to_csv(index=False),
+        "good-t.yaml": "sweep: sweep.yaml\nchecks: [{name: a, metric: saved_activation_gib, method: lemo, min: 1}]\n",
+    }
     for name, text in contents.items():
         (d / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     (d / "dir").mkdir()
     return d
 
 
-FILES = st.sampled_from(["empty", "brace", "list.yaml", "sweep.yaml", "bad-sweep.yaml", "t.yaml", "header.csv",
-                         "bytes", "dir", "missing.yaml", "good.csv", "good-t.yaml"])
+FILES = st.sampled_from(
+    [
+        "empty",
+        "brace",
+        "list.yaml",
+        "sweep.yaml",
+        "bad-sweep.yaml",
+        "t.yaml",
+        "header.csv",
+        "bytes",
+        "dir",
+        "missing.yaml",
+        "good.csv",
+        "good-t.yaml",
+    ]
+)
 FILES = st.one_of(st.sampled_from(["good.csv", "good-t.yaml", "sweep.yaml"]), FILES)  # valid ones more often
 # Per command: its positional arguments and options (None: a flag without a value).
-COMMANDS = {"check": (1, {"--thresholds": FILES, "--sweep": FILES}),
-            "aggregate": (2, {"--out": st.just("OUT")}),
-            "jobs": (0, {"--sweep": FILES}),
-            "measure": (0, {"--sweep": FILES, "--job": st.sampled_from(["llama2-tiny__sdpa-flash__gc0", "x"]),
-                            "--out": st.just("OUT"), "--methods": st.sampled_from(["lora", "nope"]), "--fresh": None})}
+COMMANDS = {
+    "check": (1, {"--thresholds": FILES, "--sweep": FILES}),
+    "aggregate": (2, {"--out": st.just("OUT")}),
+    "jobs": (0, {"--sweep": FILES}),
+    "measure": (
+        0,
+        {
+            "--sweep": FILES,
+            "--job": st.sampled_from(["llama2-tiny__sdpa-flash__gc0", "x"]),
+            "--out": st.just("OUT"),
+            "--methods": st.sampled_from(["lora", "nope"]),
+            "--fresh": None,
+        },
+    ),
+}
 
 
 @st.composite
@@ -155,8 +214,14 @@ def command_lines(draw):
 @example(["measure", "--sweep", "sweep.yaml", "--job", "llama2-tiny__sdpa-flash__gc0", "--out", "OUT"])
 @example(["jobs", "--sweep", "sweep.yaml"])
 def test_fuzzed_command_lines_end_in_a_message(files, capsys, argv):
-    argv = [str(files / "dir" / "out") if a == "OUT" else str(files / a) if (files / a).exists() or
-            a == "missing.yaml" else a for a in argv]
+    argv = [
+        str(files / "dir" / "out")
+        if a == "OUT"
+        else str(files / a)
+        if (files / a).exists() or a == "missing.yaml"
+        else a
+        for a in argv
+    ]
     try:
         assert isinstance(main(argv), int)  # ran: measured nothing (no CUDA here) or found failures
         event(f"{argv[0]}: ran")

@@ -12,16 +12,31 @@ from lemo.models.registry import build_model
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("config", [
-    dict(mlp_mode="channel", mlp_keep_channels=1.0, movement_kernel="triton", loss_kernel="liger",
-         segment_loss_tokens=256),
-    dict(mlp_mode="channel", mlp_keep_channels=1.0, mlp_channel_all_layers=False, efficient_norm=False,
-         loss_kernel="liger", segment_loss_tokens=256),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(
+            mlp_mode="channel",
+            mlp_keep_channels=1.0,
+            movement_kernel="triton",
+            loss_kernel="liger",
+            segment_loss_tokens=256,
+        ),
+        dict(
+            mlp_mode="channel",
+            mlp_keep_channels=1.0,
+            mlp_channel_all_layers=False,
+            efficient_norm=False,
+            loss_kernel="liger",
+            segment_loss_tokens=256,
+        ),
+    ],
+)
 def test_lemo_over_liger_keep_one_matches_lora_liger_in_bf16(config):
     pytest.importorskip("liger_kernel")
-    model = apply_lora(build_model("llama3-tiny", device="cuda", dtype=torch.bfloat16),
-                       LoraOptions(adapter_dtype="model"))
+    model = apply_lora(
+        build_model("llama3-tiny", device="cuda", dtype=torch.bfloat16), LoraOptions(adapter_dtype="model")
+    )
     model.train()
     ids = torch.randint(0, 512, (1, 1000), device="cuda")
     with attention_context("sdpa-flash"):

@@ -7,8 +7,8 @@ import torch
 
 from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
-from lemo.kernels import movement as mv
 from lemo.bench.measure import count_saved_bytes
+from lemo.kernels import movement as mv
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,8 +81,9 @@ def test_triton_movement_bf16_model_matches_torch_movement(mlp_mode, checkpointi
         model = copy.deepcopy(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        apply_lemo(model, LeMoConfig(keep_ratio=0.4, mlp_mode=mlp_mode, segment_loss_tokens=512,
-                                     movement_kernel=movement))
+        apply_lemo(
+            model, LeMoConfig(keep_ratio=0.4, mlp_mode=mlp_mode, segment_loss_tokens=512, movement_kernel=movement)
+        )
         # FlashAttention takes bf16/fp16 only: the fp32 reference runs the math backend
         with attention_context("sdpa-flash" if next(model.parameters()).dtype == torch.bfloat16 else "sdpa-math"):
             loss = model(input_ids=ids, labels=ids).loss

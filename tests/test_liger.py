@@ -86,22 +86,36 @@ def _lemo_liger_vs_lora_liger(config: LeMoConfig, expect_liger_norm: bool):
 
 def test_lemo_over_liger_at_keep_one_equals_lora_liger_with_liger_in_dense_layers():
     # LeMo patches nothing here: Liger's norms, SwiGLU, RoPE (dense layers) and FLCE loss all run.
-    _lemo_liger_vs_lora_liger(LeMoConfig(keep_ratio=1.0, block_size=16, mlp_mode="dense", efficient_norm=False,
-                                         segment_loss_tokens=0), expect_liger_norm=True)
+    _lemo_liger_vs_lora_liger(
+        LeMoConfig(keep_ratio=1.0, block_size=16, mlp_mode="dense", efficient_norm=False, segment_loss_tokens=0),
+        expect_liger_norm=True,
+    )
 
 
 def test_lemo_over_liger_at_keep_one_equals_lora_liger_with_lemo_kernels_on_top():
     # LeMo's own norm, channel MLP (all channels kept: exact) and segmented Liger loss replace Liger's.
-    _lemo_liger_vs_lora_liger(LeMoConfig(keep_ratio=1.0, block_size=16, mlp_mode="channel", mlp_keep_channels=1.0,
-                                         loss_kernel="liger", segment_loss_tokens=32), expect_liger_norm=False)
+    _lemo_liger_vs_lora_liger(
+        LeMoConfig(
+            keep_ratio=1.0,
+            block_size=16,
+            mlp_mode="channel",
+            mlp_keep_channels=1.0,
+            loss_kernel="liger",
+            segment_loss_tokens=32,
+        ),
+        expect_liger_norm=False,
+    )
 
 
 def test_lemo_method_with_liger_option_sets_up_and_tears_down(tmp_path):
     base = build_model("llama2-tiny", dtype=torch.float32)
     module_before = dict(vars(modeling_llama))
     method = get_method("lemo")
-    options = {"lora": {"adapter_dtype": "model"}, "liger": {"swiglu": False},
-               "lemo": {"block_size": 16, "keep_ratio": 0.5}}
+    options = {
+        "lora": {"adapter_dtype": "model"},
+        "liger": {"swiglu": False},
+        "lemo": {"block_size": 16, "keep_ratio": 0.5},
+    }
     model = method.setup(base, options)
     lm = model.get_base_model()
     assert "forward" not in lm.model.layers[0].mlp.__dict__  # swiglu: false leaves the HF MLP
@@ -130,13 +144,28 @@ def test_lora_liger_with_recomputation_and_offload_runs_in_the_harness(tmp_path)
     from lemo.bench.bench import JobRunner
     from lemo.bench.sweep import jobs
 
-    sweep = {"name": "t", "device": "cpu", "dtype": "float32", "warmup": 0, "steps": 1,
-             "lora": {"adapter_dtype": "model"},
-             "methods": {"lora-liger": {"method": "lora-liger"},
-                         "lora-liger-offload": {"method": "lora-liger", "offload_activations": True},
-                         "lora": {"method": "lora"}},
-             "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-math"], "gradient_checkpointing": True,
-                         "contexts": [LENGTH], "methods": ["lora-liger", "lora-liger-offload", "lora"]}]}
+    sweep = {
+        "name": "t",
+        "device": "cpu",
+        "dtype": "float32",
+        "warmup": 0,
+        "steps": 1,
+        "lora": {"adapter_dtype": "model"},
+        "methods": {
+            "lora-liger": {"method": "lora-liger"},
+            "lora-liger-offload": {"method": "lora-liger", "offload_activations": True},
+            "lora": {"method": "lora"},
+        },
+        "groups": [
+            {
+                "models": ["llama2-tiny"],
+                "attention": ["sdpa-math"],
+                "gradient_checkpointing": True,
+                "contexts": [LENGTH],
+                "methods": ["lora-liger", "lora-liger-offload", "lora"],
+            }
+        ],
+    }
     module_before = dict(vars(modeling_llama))
     JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     recs = {p.name.split("__")[1]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}

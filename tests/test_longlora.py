@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.modeling_utils import AttentionInterface
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 from baselines import longlora
 from baselines.lora import apply_lora
@@ -70,6 +70,7 @@ def _attention_module(heads, kv_heads, head_dim=16):
 
 # ---- attention-function level ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 4), (8, 2), (6, 2)])
 @pytest.mark.parametrize("length,ratio", [(64, 0.25), (40, 0.25), (36, 0.25), (12, 0.25), (4, 0.25), (16, 1.0)])
@@ -89,8 +90,10 @@ def test_s2_function_matches_reference(backend, heads, kv_heads, length, ratio):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)  # g = 1: q grads are 0 up to rounding
 
 
-@pytest.mark.parametrize("token,unshifted,shifted", [(9, (9, 16), (9, 12)), (2, (2, 8), (2, 4)),
-                                                     (29, (29, 32), (29, 32)), (26, (26, 32), (26, 28))])
+@pytest.mark.parametrize(
+    "token,unshifted,shifted",
+    [(9, (9, 16), (9, 12)), (2, (2, 8), (2, 4)), (29, (29, 32), (29, 32)), (26, (26, 32), (26, 28))],
+)
 def test_s2_is_local_to_its_segments(token, unshifted, shifted):
     """A token's K/V reach only later tokens of its group (unshifted heads) / shifted segment (others)."""
     module = _attention_module(4, 2)
@@ -107,6 +110,7 @@ def test_s2_is_local_to_its_segments(token, unshifted, shifted):
 
 
 # ---- causality: no position sees a later token ------------------------------------------------
+
 
 def _assert_causal(outputs, base):
     """outputs[j]: the output (B, L, ...) with token j perturbed; positions < j must be unchanged."""
@@ -158,12 +162,14 @@ def test_s2_function_in_eval_mode_is_the_inner_implementation():
     module = _attention_module(4, 2).eval()
     q, k, v = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
     out, _ = longlora.make_s2_attention("sdpa")(module, q, k, v, None, scaling=0.25)
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                             is_causal=True, scale=0.25).transpose(1, 2)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.25
+    ).transpose(1, 2)
     torch.testing.assert_close(out, dense)  # 30 tokens: no whole groups, and no error in eval
 
 
 # ---- whole model ------------------------------------------------------------------------------
+
 
 def _pair(name, backend, seed=0):
     """(LongLoRA model, reference model): same weights and LoRA adapters, trainables set independently."""
@@ -275,9 +281,16 @@ def test_teardown_restores_attention_and_requires_grad(backend):
 
 # ---- bad input --------------------------------------------------------------------------------
 
+
 def test_odd_kv_heads_rejected_before_lora():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=3, num_key_value_heads=3)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+    )
     model = LlamaForCausalLM(cfg)
     with pytest.raises(ValueError, match="even num_key_value_heads"):
         longlora.setup(model, {})
@@ -310,8 +323,9 @@ def test_padding_and_packing_rejected_in_training(backend):
 def test_all_ones_mask_equals_no_mask():
     model, _ = _pair("llama3-tiny", "eager")
     ids = torch.randint(0, 512, (2, 64))
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
-                               model(input_ids=ids).logits)
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(input_ids=ids).logits
+    )
 
 
 def test_indivisible_length_names_the_fix():
@@ -331,6 +345,7 @@ def test_bad_options_rejected():
 
 
 # ---- through the methods table ----------------------------------------------------------------
+
 
 def test_longlora_method_setup_and_teardown():
     method = get_method("longlora")

@@ -23,8 +23,12 @@ def _with_norm_weights(model):
 
 def _run(recompute, mlp_mode="token", movement="torch", autocast=False, dtype=torch.float32):
     model = _with_norm_weights(tiny_lora_model("llama2-tiny")).to(dtype)
-    model = apply_lemo(model, LeMoConfig(keep_ratio=0.5, block_size=16, mlp_mode=mlp_mode, movement_kernel=movement,
-                                         lora_norm_recompute=recompute))
+    model = apply_lemo(
+        model,
+        LeMoConfig(
+            keep_ratio=0.5, block_size=16, mlp_mode=mlp_mode, movement_kernel=movement, lora_norm_recompute=recompute
+        ),
+    )
     ids = torch.randint(0, 512, (2, LENGTH), generator=torch.Generator().manual_seed(1))
     with count_saved_bytes(model) as saved, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=ids, labels=ids).loss

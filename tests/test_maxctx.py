@@ -5,7 +5,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import lemo.bench.bench as bench
 from lemo.bench.cli import main
@@ -32,8 +31,18 @@ def test_doubling_then_bisection_finds_the_largest_fitting_multiple_of_the_granu
     r = search_max_context(probe, start=8 * K, limit=1024 * K, granularity=8 * K)
     assert r.max_context == 192 * K and r.bound == "memory"  # 196608 <= 200000 < 204800
     assert r.best.context == 192 * K and r.best.peak_gib == 192
-    assert calls == [8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K,  # doubling up to the first OOM
-                     192 * K, 224 * K, 208 * K, 200 * K]  # bisection between 128K and 256K
+    assert calls == [
+        8 * K,
+        16 * K,
+        32 * K,
+        64 * K,
+        128 * K,
+        256 * K,  # doubling up to the first OOM
+        192 * K,
+        224 * K,
+        208 * K,
+        200 * K,
+    ]  # bisection between 128K and 256K
 
 
 def test_exact_power_of_two_and_failure_at_start():
@@ -70,12 +79,23 @@ def test_bad_settings_are_refused():
 
 
 SWEEP = {
-    "name": "t", "device": "cpu", "dtype": "float32", "warmup": 0, "steps": 1,
+    "name": "t",
+    "device": "cpu",
+    "dtype": "float32",
+    "warmup": 0,
+    "steps": 1,
     "lora": {"r": 8, "alpha": 16, "targets": "qkvo", "adapter_dtype": "model"},
     "methods": {"lora": {"method": "lora"}},
     "max_context": {"start": 64, "limit": 1024, "granularity": 64, "caps_gib": [None]},
-    "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-math"], "gradient_checkpointing": True,
-                "contexts": [64], "methods": ["lora"]}],
+    "groups": [
+        {
+            "models": ["llama2-tiny"],
+            "attention": ["sdpa-math"],
+            "gradient_checkpointing": True,
+            "contexts": [64],
+            "methods": ["lora"],
+        }
+    ],
 }
 
 
@@ -109,16 +129,48 @@ def test_report_csv_table_and_figure(tmp_path):
     def result(method, cap, ctx, bound):
         d = tmp_path / f"{method}-{cap}"
         d.mkdir()
-        (d / "result.json").write_text(json.dumps({
-            "model": "llama2-7b", "method": method, "attention": "sdpa-cudnn", "gradient_checkpointing": True,
-            "cap_gib": cap, "max_context": ctx, "step_s": 1.0, "peak_gib": 70.0, "bound": bound,
-            "device_total_gib": 139.8, "probes": [{}], "options": {}, "provenance": {"gpu": "H", "git_commit": "abc"}}))
+        (d / "result.json").write_text(
+            json.dumps(
+                {
+                    "model": "llama2-7b",
+                    "method": method,
+                    "attention": "sdpa-cudnn",
+                    "gradient_checkpointing": True,
+                    "cap_gib": cap,
+                    "max_context": ctx,
+                    "step_s": 1.0,
+                    "peak_gib": 70.0,
+                    "bound": bound,
+                    "device_total_gib": 139.8,
+                    "probes": [{}],
+                    "options": {},
+                    "provenance": {"gpu": "H", "git_commit": "abc"},
+                }
+            )
+        )
         return d
 
-    dirs = [result("lora", 80, 64 * K, "memory"), result("lora-liger", 80, 128 * K, "memory"),
-            result("lemo-channel", 80, 320 * K, "time"), result("lora", None, 96 * K, "memory")]
-    assert main(["max-context-report", *map(str, dirs), "--csv", str(tmp_path / "m.csv"),
-                 "--figure", str(tmp_path / "m.png"), "--out", str(tmp_path / "m.md")]) == 0
+    dirs = [
+        result("lora", 80, 64 * K, "memory"),
+        result("lora-liger", 80, 128 * K, "memory"),
+        result("lemo-channel", 80, 320 * K, "time"),
+        result("lora", None, 96 * K, "memory"),
+    ]
+    assert (
+        main(
+            [
+                "max-context-report",
+                *map(str, dirs),
+                "--csv",
+                str(tmp_path / "m.csv"),
+                "--figure",
+                str(tmp_path / "m.png"),
+                "--out",
+                str(tmp_path / "m.md"),
+            ]
+        )
+        == 0
+    )
     frame = pd.read_csv(tmp_path / "m.csv")
     assert {"method", "model", "cap_gib", "max_context", "step_s", "peak_gib", "bound", "git_commit"} <= set(frame)
     text = (tmp_path / "m.md").read_text()

@@ -3,7 +3,6 @@ import gc
 import weakref
 
 import pytest
-
 import torch
 
 from lemo.bench.measure import count_saved_bytes, saved_activation_bytes, time_steps
@@ -58,8 +57,9 @@ def _checkpointed_lemo_model(movement="torch"):
     from lemo import LeMoConfig, apply_lemo
     from lemo.bench.bench import _set_checkpointing
 
-    model = apply_lemo(tiny_lora_model("llama2-tiny"), LeMoConfig(block_size=8, keep_ratio=0.5,
-                                                                  movement_kernel=movement))
+    model = apply_lemo(
+        tiny_lora_model("llama2-tiny"), LeMoConfig(block_size=8, keep_ratio=0.5, movement_kernel=movement)
+    )
     _set_checkpointing(model, True)
     return model
 
@@ -77,6 +77,7 @@ def test_offloading_moves_every_checkpointed_layer_input():
     def record_input(i):
         def hook(module, args, kwargs):
             inputs[i] = (args[0] if args else kwargs["hidden_states"]).data_ptr()
+
         return hook
 
     def pack(t):

@@ -23,8 +23,9 @@ def test_below_the_crossover_layers_run_dense_above_it_sparse(checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 512, (2, LENGTH))
     ref_loss, ref_grads = _loss_and_grads(model, ids)
-    config = LeMoConfig(keep_ratio=0.3, block_size=16, mlp_mode="token", segment_loss_tokens=0,
-                        min_sparse_tokens=LENGTH + 1)
+    config = LeMoConfig(
+        keep_ratio=0.3, block_size=16, mlp_mode="token", segment_loss_tokens=0, min_sparse_tokens=LENGTH + 1
+    )
     apply_lemo(model, config)
     loss, grads = _loss_and_grads(model, ids)
     assert lemo_state(model).selections == {}  # nothing was scored

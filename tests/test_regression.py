@@ -48,9 +48,13 @@ def test_strongest_lora_check_holds_lemo_to_the_fastest_backend_of_lora():
     per_backend = ratios(frame, "step_s", same_run=True)
     per_backend = per_backend[(per_backend.method == "lemo-channel") & (per_backend.context >= 65536)]
     top = per_backend.ratio.max()  # LeMo on flash against LoRA on flash
-    loose = dict(metric="step_s", method="lemo-channel", gradient_checkpointing=True, min_context=65536, min=top * 0.999)
+    loose = dict(
+        metric="step_s", method="lemo-channel", gradient_checkpointing=True, min_context=65536, min=top * 0.999
+    )
     assert len(run_checks(frame, [Check("per-backend", **loose)])) < len(per_backend)  # the flash pair passes
     assert run_checks(frame, [Check("strongest", baseline="strongest-lora", **loose)])  # LoRA on cuDNN is faster
     with pytest.raises(ValueError, match="lower-is-better"):
-        run_checks(frame, [Check("x", "tokens_per_s", "lemo-channel", baseline="strongest-lora", higher_is_better=True,
-                                 min=1.0)])
+        run_checks(
+            frame,
+            [Check("x", "tokens_per_s", "lemo-channel", baseline="strongest-lora", higher_is_better=True, min=1.0)],
+        )

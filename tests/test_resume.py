@@ -53,8 +53,13 @@ def _measured(monkeypatch):
 
 def test_killed_job_keeps_finished_records_and_rerun_measures_only_the_rest(tmp_path, monkeypatch):
     sweep = _sweep()
-    proc = subprocess.run([sys.executable, "-c", KILLED_AT_THIRD_POINT, yaml.safe_dump(sweep), str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_THIRD_POINT, yaml.safe_dump(sweep), str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     kept = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
     assert sorted(kept) == ["sdpa-math__lemo-token__128__b1.json", "sdpa-math__lora__128__b1.json"]
@@ -100,5 +105,6 @@ def test_an_out_of_memory_record_kept_still_skips_longer_contexts(tmp_path, monk
     seen = _measured(monkeypatch)
     bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     assert seen == []  # no model built or measured
-    assert json.loads((tmp_path / "sdpa-math__lora__512__b1.json").read_text())["reason"] == \
-        "out of memory at 256 tokens"
+    assert (
+        json.loads((tmp_path / "sdpa-math__lora__512__b1.json").read_text())["reason"] == "out of memory at 256 tokens"
+    )

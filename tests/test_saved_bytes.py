@@ -25,8 +25,19 @@ def test_sparse_layer_bytes_scale_with_kept_tokens(name):
     ids = torch.randint(0, 512, (1, length))
     model = tiny_lora_model(name)
     dense = _per_layer_bytes(model, ids)
-    apply_lemo(model, LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=16, mlp_mode="token", segment_loss_tokens=0,
-                                 efficient_norm=False))
+    apply_lemo(
+        model,
+        LeMoConfig(
+            shared_selection=False,
+            loss_tokens="all",
+            sparse_first=None,
+            keep_ratio=0.4,
+            block_size=16,
+            mlp_mode="token",
+            segment_loss_tokens=0,
+            efficient_norm=False,
+        ),
+    )
     sparse = _per_layer_bytes(model, ids)
     sel = lemo_state(model).selections
     assert set(sel) == {1, 2}
@@ -44,5 +55,3 @@ def test_sparse_layer_bytes_scale_with_kept_tokens(name):
     lm = unwrap(model)
     shared = 0 if lm.config.model_type == "opt" else 2 * length * lm.config.head_dim * 4
     assert dense.total - sparse.total == saving - len(sel) * shared
-
-

@@ -8,8 +8,7 @@ from lemo.segment_loss import segmented_lm_loss
 
 def _plain(hidden, head, labels):
     logits = head(hidden).float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])

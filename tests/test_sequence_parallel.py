@@ -1,7 +1,5 @@
 """Ulysses sequence parallelism (2 gloo processes on CPU) against single-process LeMo."""
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,8 +8,13 @@ from lemo import LeMoConfig, apply_lemo, lemo_state, remove_lemo
 from lemo.apply import LeMoLayer
 from lemo.distributed import sp_scoring
 from lemo.distributed.data_parallel import enable_checkpointing
-from lemo.distributed.sequence import (SequenceParallelLayer, apply_sequence_parallel, sequence_parallel_loss,
-                                      shard_sequence, sync_gradients)
+from lemo.distributed.sequence import (
+    SequenceParallelLayer,
+    apply_sequence_parallel,
+    sequence_parallel_loss,
+    shard_sequence,
+    sync_gradients,
+)
 from lemo.kernels.block_scores import block_scores_torch
 from lemo.scoring import project_qk
 from tests.distributed import spawn
@@ -25,7 +28,15 @@ def _ids():
 
 
 def _config(mlp_mode):
-    return LeMoConfig(shared_selection=False, loss_tokens="all", sparse_first=None, keep_ratio=0.4, block_size=BLOCK, segment_loss_tokens=64, mlp_mode=mlp_mode)
+    return LeMoConfig(
+        shared_selection=False,
+        loss_tokens="all",
+        sparse_first=None,
+        keep_ratio=0.4,
+        block_size=BLOCK,
+        segment_loss_tokens=64,
+        mlp_mode=mlp_mode,
+    )
 
 
 def _sp_worker(rank, world, name, mlp_mode, checkpointing):
@@ -68,10 +79,13 @@ def _sp_worker(rank, world, name, mlp_mode, checkpointing):
     assert all("forward" not in vars(layer.mlp) for layer in layers)
 
 
-@pytest.mark.parametrize("name,mlp_mode,checkpointing", [
-    ("llama3-tiny", "token", True),  # GQA: 4 query heads, 2 KV heads -> 2 + 1 per rank
-    ("llama2-tiny", "channel", False),
-])
+@pytest.mark.parametrize(
+    "name,mlp_mode,checkpointing",
+    [
+        ("llama3-tiny", "token", True),  # GQA: 4 query heads, 2 KV heads -> 2 + 1 per rank
+        ("llama2-tiny", "channel", False),
+    ],
+)
 def test_sequence_parallel_equals_one_process(name, mlp_mode, checkpointing):
     spawn(_sp_worker, name, mlp_mode, checkpointing)
 
@@ -92,8 +106,14 @@ def _scores_worker(rank, world):
     got = sp_scoring.sequence_block_scores(parts, hidden[:, part], (pe[0][:, part], pe[1][:, part]), BLOCK)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
     # per-head-group scores (2 query heads + 1 KV head each), summed: an upper bound, not the scores
-    by_heads = sum(block_scores_torch(q[:, 2 * g:2 * g + 2], k[:, g:g + 1], block_size=BLOCK, scale=parts.scaling,
-                                      return_map=False)[1] * 2 / 4 for g in range(2))
+    by_heads = sum(
+        block_scores_torch(
+            q[:, 2 * g : 2 * g + 2], k[:, g : g + 1], block_size=BLOCK, scale=parts.scaling, return_map=False
+        )[1]
+        * 2
+        / 4
+        for g in range(2)
+    )
     assert (by_heads >= full - 1e-6).all() and not torch.allclose(by_heads, full, rtol=1e-3)
 
 

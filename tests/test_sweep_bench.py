@@ -10,47 +10,70 @@ from lemo.bench.results import aggregate, ratios
 from lemo.bench.sweep import expand, find_job, jobs, validate_sweep
 
 SWEEP = {
-    "name": "t", "device": "cpu", "dtype": "float32", "warmup": 1, "steps": 2,
+    "name": "t",
+    "device": "cpu",
+    "dtype": "float32",
+    "warmup": 1,
+    "steps": 2,
     "lora": {"r": 8, "alpha": 16, "targets": "qkvo", "adapter_dtype": "model"},
-    "methods": {"lora": {"method": "lora"},
-                "lemo-token": {"method": "lemo", "lemo": {"mlp_mode": "token", "block_size": 64}}},
-    "groups": [{"models": ["llama2-tiny"], "attention": ["sdpa-flash", "sdpa-cudnn"],
-                "gradient_checkpointing": False, "contexts": [512, 256], "methods": ["lora", "lemo-token"]}],
+    "methods": {
+        "lora": {"method": "lora"},
+        "lemo-token": {"method": "lemo", "lemo": {"mlp_mode": "token", "block_size": 64}},
+    },
+    "groups": [
+        {
+            "models": ["llama2-tiny"],
+            "attention": ["sdpa-flash", "sdpa-cudnn"],
+            "gradient_checkpointing": False,
+            "contexts": [512, 256],
+            "methods": ["lora", "lemo-token"],
+        }
+    ],
 }
 
 
 def test_jobs_group_by_model_backend_checkpointing_in_context_order():
     js = jobs(SWEEP)
     assert [j.id for j in js] == ["llama2-tiny__sdpa-flash__gc0", "llama2-tiny__sdpa-cudnn__gc0"]
-    assert [(p.context, p.method) for p in js[0].points] == [(256, "lora"), (256, "lemo-token"), (512, "lora"),
-                                                             (512, "lemo-token")]
+    assert [(p.context, p.method) for p in js[0].points] == [
+        (256, "lora"),
+        (256, "lemo-token"),
+        (512, "lora"),
+        (512, "lemo-token"),
+    ]
     assert js[0].points[0].options["lora"]["adapter_dtype"] == "model"
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda s: s["groups"][0].update(models=["gpt-9"]), "unknown model 'gpt-9'"),
-    (lambda s: s["groups"][0].update(attention=["flash3"]), "unknown attention backend"),
-    (lambda s: s["groups"][0].update(methods=["nope"]), "not defined under methods"),
-    (lambda s: s["methods"].update(x={"method": "magic"}), "unknown method 'magic'"),
-    (lambda s: s["methods"]["lora"].update(offload=True), r"unknown keys \['offload'\]"),
-    (lambda s: s["methods"]["lora"].update(offload_activations="yes"), "offload_activations must be true or false"),
-    (lambda s: s.update(context=[1024]), r"unknown keys \['context'\]"),
-    (lambda s: s["groups"][0].update(step=2), r"group 0: unknown keys \['step'\]"),
-    (lambda s: s["groups"][0].pop("contexts"), r"group 0: missing keys \['contexts'\]"),
-    (lambda s: s["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "'lemo-token': mlp_mode must be one of"),
-    (lambda s: s["methods"]["lemo-token"]["lemo"].update(keep=0.3), r"lemo options: unknown fields \['keep'\]"),
-    (lambda s: s["methods"]["lora"].update(lora={"target": "qv"}), r"lora options: unknown fields \['target'\]"),
-    (lambda s: s["lora"].update(targets="qx"), "targets must be letters of 'qkvo'"),
-    (lambda s: s["lora"].update(r="8"), "r must be an integer"),
-    (lambda s: s["methods"]["lora"].update(lemo={}), r"method 'lora' takes no \['lemo'\] options"),
-    (lambda s: s.update(steps=0), "steps must be an integer >= 1, got 0"),
-    (lambda s: s["groups"][0].update(steps=0), "group 0: steps must be an integer >= 1"),
-    (lambda s: s["groups"][0].update(contexts=["1024"]), "context '1024' must be an integer >= 2"),
-    (lambda s: s["groups"][0].update(models="llama2-tiny"), "models must be a non-empty list"),
-    (lambda s: s["groups"][0].update(gradient_checkpointing="false"), "gradient_checkpointing must be true or false"),
-    (lambda s: s.update(device="gpu"), "device must be 'cuda' or 'cpu'"),
-    (lambda s: s.update(groups=[]), "`groups` must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda s: s["groups"][0].update(models=["gpt-9"]), "unknown model 'gpt-9'"),
+        (lambda s: s["groups"][0].update(attention=["flash3"]), "unknown attention backend"),
+        (lambda s: s["groups"][0].update(methods=["nope"]), "not defined under methods"),
+        (lambda s: s["methods"].update(x={"method": "magic"}), "unknown method 'magic'"),
+        (lambda s: s["methods"]["lora"].update(offload=True), r"unknown keys \['offload'\]"),
+        (lambda s: s["methods"]["lora"].update(offload_activations="yes"), "offload_activations must be true or false"),
+        (lambda s: s.update(context=[1024]), r"unknown keys \['context'\]"),
+        (lambda s: s["groups"][0].update(step=2), r"group 0: unknown keys \['step'\]"),
+        (lambda s: s["groups"][0].pop("contexts"), r"group 0: missing keys \['contexts'\]"),
+        (lambda s: s["methods"]["lemo-token"]["lemo"].update(mlp_mode="tokn"), "'lemo-token': mlp_mode must be one of"),
+        (lambda s: s["methods"]["lemo-token"]["lemo"].update(keep=0.3), r"lemo options: unknown fields \['keep'\]"),
+        (lambda s: s["methods"]["lora"].update(lora={"target": "qv"}), r"lora options: unknown fields \['target'\]"),
+        (lambda s: s["lora"].update(targets="qx"), "targets must be letters of 'qkvo'"),
+        (lambda s: s["lora"].update(r="8"), "r must be an integer"),
+        (lambda s: s["methods"]["lora"].update(lemo={}), r"method 'lora' takes no \['lemo'\] options"),
+        (lambda s: s.update(steps=0), "steps must be an integer >= 1, got 0"),
+        (lambda s: s["groups"][0].update(steps=0), "group 0: steps must be an integer >= 1"),
+        (lambda s: s["groups"][0].update(contexts=["1024"]), "context '1024' must be an integer >= 2"),
+        (lambda s: s["groups"][0].update(models="llama2-tiny"), "models must be a non-empty list"),
+        (
+            lambda s: s["groups"][0].update(gradient_checkpointing="false"),
+            "gradient_checkpointing must be true or false",
+        ),
+        (lambda s: s.update(device="gpu"), "device must be 'cuda' or 'cpu'"),
+        (lambda s: s.update(groups=[]), "`groups` must be a non-empty list"),
+    ],
+)
 def test_bad_sweeps_fail_naming_the_problem(change, words):
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
     change(sweep)
@@ -96,8 +119,15 @@ def test_job_writes_records_skips_unavailable_backends_and_records_oom(tmp_path,
 
 def test_opt_contexts_beyond_positions_are_skipped_with_reason(tmp_path):
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
-    sweep["groups"] = [{"models": ["opt-tiny"], "attention": ["sdpa-flash"], "gradient_checkpointing": False,
-                        "contexts": [4096], "methods": ["lora"]}]
+    sweep["groups"] = [
+        {
+            "models": ["opt-tiny"],
+            "attention": ["sdpa-flash"],
+            "gradient_checkpointing": False,
+            "contexts": [4096],
+            "methods": ["lora"],
+        }
+    ]
     bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     (rec,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert rec["status"] == "skipped" and "learned positions for 2048" in rec["reason"]
@@ -121,8 +151,10 @@ def test_methods_that_train_base_weights_leave_the_shared_model_unchanged(tmp_pa
     bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
     assert recs["sdpa-math__longlora__256__b1.json"]["status"] == "ok"
-    assert recs["sdpa-math__longlora__256__b1.json"]["metrics"]["trainable_params"] > \
-        recs["sdpa-math__lora__256__b1.json"]["metrics"]["trainable_params"]
+    assert (
+        recs["sdpa-math__longlora__256__b1.json"]["metrics"]["trainable_params"]
+        > recs["sdpa-math__lora__256__b1.json"]["metrics"]["trainable_params"]
+    )
     assert seen == {"longlora": True, "lora": True}
 
 
@@ -161,8 +193,9 @@ def test_offloaded_method_runs_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "time_steps", spy)
     sweep = yaml.safe_load(yaml.safe_dump(SWEEP))
     sweep["methods"]["lemo-offload"] = {**sweep["methods"]["lemo-token"], "offload_activations": True}
-    sweep["groups"][0].update(attention=["sdpa-math"], contexts=[256], gradient_checkpointing=True,
-                              methods=["lemo-token", "lemo-offload"])
+    sweep["groups"][0].update(
+        attention=["sdpa-math"], contexts=[256], gradient_checkpointing=True, methods=["lemo-token", "lemo-offload"]
+    )
     bench.JobRunner(jobs(sweep)[0], tmp_path, log=lambda *_: None).run()
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
     off = recs["sdpa-math__lemo-offload__256__b1.json"]
@@ -238,7 +271,10 @@ def test_a_cuda_sweep_on_a_machine_without_cuda_records_its_points_as_skipped(tm
         pytest.skip("needs a machine without CUDA")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({**SWEEP, "device": "cuda"}))
-    assert main(["measure", "--sweep", str(path), "--job", "llama2-tiny__sdpa-flash__gc0", "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(["measure", "--sweep", str(path), "--job", "llama2-tiny__sdpa-flash__gc0", "--out", str(tmp_path / "r")])
+        == 0
+    )
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert len(recs) == 4 and all(r["status"] == "skipped" and "no CUDA device" in r["reason"] for r in recs)
 
@@ -248,15 +284,20 @@ def test_one_process_group_measures_several_backends_in_one_job(tmp_path, monkey
     sweep["groups"][0].update(attention=["sdpa-math", "eager"], contexts=[128], one_process=True)
     (job,) = jobs(sweep)
     assert job.id == "llama2-tiny__sdpa-math+eager__gc0"
-    assert [(p.attention, p.method) for p in job.points] == [("sdpa-math", "lora"), ("sdpa-math", "lemo-token"),
-                                                             ("eager", "lora"), ("eager", "lemo-token")]
+    assert [(p.attention, p.method) for p in job.points] == [
+        ("sdpa-math", "lora"),
+        ("sdpa-math", "lemo-token"),
+        ("eager", "lora"),
+        ("eager", "lemo-token"),
+    ]
     built = []
     real_build = bench.build_model
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: built.append(k) or real_build(*a, **k))
     bench.JobRunner(job, tmp_path, log=lambda *_: None).run()
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert len(built) == 1 and sorted(recs) == sorted(f"{a}__{m}__128__b1.json" for a in ("sdpa-math", "eager")
-                                                      for m in ("lora", "lemo-token"))
+    assert len(built) == 1 and sorted(recs) == sorted(
+        f"{a}__{m}__128__b1.json" for a in ("sdpa-math", "eager") for m in ("lora", "lemo-token")
+    )
     assert all(r["status"] == "ok" for r in recs.values())
     assert recs["eager__lora__128__b1.json"]["attention_label"].startswith("transformers eager")
     sweep["groups"][0]["one_process"] = "yes"

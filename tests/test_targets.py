@@ -22,8 +22,13 @@ def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
         if not csv.exists():
             continue
         f = pd.read_csv(csv)
-        pt = f[(f.model == "llama2-7b") & (f.context == 8192) & (f.gradient_checkpointing == False)  # noqa: E712
-               & (f.status == "ok") & (f.metric == "peak_allocated_gib")]
+        pt = f[
+            (f.model == "llama2-7b")
+            & (f.context == 8192)
+            & (f.gradient_checkpointing == False)  # noqa: E712
+            & (f.status == "ok")
+            & (f.metric == "peak_allocated_gib")
+        ]
         for _, grp in pt.groupby("git_commit"):
             lora = grp[grp.method_name.isin(["lora", "lora-liger"])].value
             lemo = grp[grp.method.str.startswith("lemo")].value
@@ -41,13 +46,28 @@ def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
 
 def test_strongest_baseline_is_any_backend_and_lora_liger_counts(tmp_path):
     rows = []
-    for method, name, attention, value in [("lora", "lora", "sdpa-flash", 21.0), ("lora", "lora", "sdpa-cudnn", 15.0),
-                                           ("lora-liger", "lora-liger", "sdpa-flash", 14.0),
-                                           ("lemo-channel", "lemo", "sdpa-flash", 14.0),
-                                           ("lemo-channel", "lemo", "sdpa-cudnn", 10.0)]:
-        rows.append(dict(model="m", method=method, method_name=name, attention=attention,
-                         gradient_checkpointing=True, context=65536, batch_size=1, status="ok", metric="step_s",
-                         value=value, git_commit="c"))
+    for method, name, attention, value in [
+        ("lora", "lora", "sdpa-flash", 21.0),
+        ("lora", "lora", "sdpa-cudnn", 15.0),
+        ("lora-liger", "lora-liger", "sdpa-flash", 14.0),
+        ("lemo-channel", "lemo", "sdpa-flash", 14.0),
+        ("lemo-channel", "lemo", "sdpa-cudnn", 10.0),
+    ]:
+        rows.append(
+            dict(
+                model="m",
+                method=method,
+                method_name=name,
+                attention=attention,
+                gradient_checkpointing=True,
+                context=65536,
+                batch_size=1,
+                status="ok",
+                metric="step_s",
+                value=value,
+                git_commit="c",
+            )
+        )
     r = strongest_ratios(pd.DataFrame(rows), "step_s").set_index("attention")
     assert list(r.base_method) == ["lora-liger", "lora-liger"] and r.ratio["sdpa-cudnn"] == 1.4
     assert r.lora_ratio["sdpa-cudnn"] == 1.5 and r.lora_ratio["sdpa-flash"] == 1.5
@@ -55,9 +75,24 @@ def test_strongest_baseline_is_any_backend_and_lora_liger_counts(tmp_path):
 
 
 def _frame(points, commit):
-    return pd.DataFrame([dict(model="llama2-7b", method=m, method_name=m.split("-")[0] if m.startswith("lemo") else m,
-                              attention=a, gradient_checkpointing=True, context=65536, batch_size=1, status="ok",
-                              metric="step_s", value=v, git_commit=commit) for m, a, v in points])
+    return pd.DataFrame(
+        [
+            dict(
+                model="llama2-7b",
+                method=m,
+                method_name=m.split("-")[0] if m.startswith("lemo") else m,
+                attention=a,
+                gradient_checkpointing=True,
+                context=65536,
+                batch_size=1,
+                status="ok",
+                metric="step_s",
+                value=v,
+                git_commit=commit,
+            )
+            for m, a, v in points
+        ]
+    )
 
 
 def test_a_run_without_the_strongest_baseline_does_not_meet_the_target(tmp_path):
@@ -109,11 +144,31 @@ def test_never_slower_reads_the_default_from_records_resolved_options(tmp_path):
 
     today = json.dumps({f: getattr(LeMoConfig(), f) for f in METHOD_FIELDS})
     old = json.dumps({"keep_ratio": 0.4, "mlp_mode": "token"})  # a record older than the shared selection
-    rows = [("lora", "lora", 1.0, "LoRA"), ("lemo-a", "lemo", 0.8, f"LoRA + LeMo {today}"),
-            ("lemo-old", "lemo", 2.0, f"LoRA + LeMo {old}")]
-    frame = pd.DataFrame([dict(model="m", method=m, method_name=n, attention="sdpa-flash", gradient_checkpointing=False,
-                               context=4096, batch_size=1, status="ok", metric="step_s", value=v, git_commit="c",
-                               method_description=d, config="{}") for m, n, v, d in rows])
+    rows = [
+        ("lora", "lora", 1.0, "LoRA"),
+        ("lemo-a", "lemo", 0.8, f"LoRA + LeMo {today}"),
+        ("lemo-old", "lemo", 2.0, f"LoRA + LeMo {old}"),
+    ]
+    frame = pd.DataFrame(
+        [
+            dict(
+                model="m",
+                method=m,
+                method_name=n,
+                attention="sdpa-flash",
+                gradient_checkpointing=False,
+                context=4096,
+                batch_size=1,
+                status="ok",
+                metric="step_s",
+                value=v,
+                git_commit="c",
+                method_description=d,
+                config="{}",
+            )
+            for m, n, v, d in rows
+        ]
+    )
     (tmp_path / "h200").mkdir()
     frame.to_csv(tmp_path / "h200" / "sweep.csv", index=False)
     row = _row(target_rows(tmp_path), "never slower")

@@ -65,8 +65,10 @@ def _debian_packages(cache: Path, packages: tuple[str, ...] = DEBIAN_PACKAGES, r
     cache.mkdir(parents=True, exist_ok=True)
     if not all(any(cache.glob(f"{p}_*.deb")) for p in packages):
         if shutil.which("apt-get") is None:
-            raise RuntimeError("building this corpus needs apt-get (Debian) to fetch "
-                               f"{', '.join(packages)}; or pass a local text corpus (--source DIR)")
+            raise RuntimeError(
+                "building this corpus needs apt-get (Debian) to fetch "
+                f"{', '.join(packages)}; or pass a local text corpus (--source DIR)"
+            )
         subprocess.run(["apt-get", "download", *packages], cwd=cache, check=True, capture_output=True)
     tmp = Path(tempfile.mkdtemp(dir=cache))
     for p in packages:
@@ -83,8 +85,12 @@ def _package_root(cache: Path, package: str) -> Path:
 
 def _kjv_books(root: Path) -> list[Document]:
     """The Bible, decoded with the package's own reader, one document per book."""
-    out = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data",
-                          "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data", "Gen1:1-Rev22:21"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     books: dict[str, list[str]] = {}
     current = None
     for line in out.splitlines():
@@ -114,8 +120,9 @@ def _pydoc(root: Path) -> list[Document]:
 
 def _pystdlib() -> list[Document]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [d for d in _files(stdlib, "*.py", "pystdlib")
-            if "site-packages" not in d.name and "dist-packages" not in d.name]
+    return [
+        d for d in _files(stdlib, "*.py", "pystdlib") if "site-packages" not in d.name and "dist-packages" not in d.name
+    ]
 
 
 def builtin_documents(cache: Path) -> list[Document]:
@@ -176,7 +183,8 @@ def _linux_tree(cache: Path) -> Path:
                 continue
             rel = "/".join(parts[1:])  # drop the tarball's top directory
             wanted = (parts[1] == "Documentation" and rel.endswith(".rst")) or (
-                parts[1] in LINUX_SRC_DIRS and rel.endswith((".c", ".h")))
+                parts[1] in LINUX_SRC_DIRS and rel.endswith((".c", ".h"))
+            )
             if wanted:
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,15 +194,21 @@ def _linux_tree(cache: Path) -> Path:
 
 
 def _read_tree(base: Path, suffixes: tuple[str, ...]) -> dict[str, str]:
-    return {p.relative_to(base).as_posix(): p.read_text(encoding="utf-8", errors="replace")
-            for p in sorted(base.rglob("*")) if p.is_file() and p.name.endswith(suffixes)}
+    return {
+        p.relative_to(base).as_posix(): p.read_text(encoding="utf-8", errors="replace")
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and p.name.endswith(suffixes)
+    }
 
 
 def _linux_docs(cache: Path, max_chars: int = MAX_DOC_CHARS) -> list[Document]:
     """Kernel documentation (English; Documentation/translations left out), one document per directory."""
     tree = _linux_tree(cache)
-    files = {rel: t for rel, t in _read_tree(tree / "Documentation", (".rst",)).items()
-             if not rel.startswith("translations/")}
+    files = {
+        rel: t
+        for rel, t in _read_tree(tree / "Documentation", (".rst",)).items()
+        if not rel.startswith("translations/")
+    }
     return _per_directory(files, "linux-docs", max_chars)
 
 
@@ -228,7 +242,7 @@ def _dictd_entries(index: str, data: bytes) -> list[str]:
             continue
         span = (_dictd_number(fields[1]), _dictd_number(fields[2]))
         (header if fields[0].startswith("00-") else spans).add(span)
-    return [data[o:o + n].decode("utf-8", errors="replace").strip() for o, n in sorted(spans - header)]
+    return [data[o : o + n].decode("utf-8", errors="replace").strip() for o, n in sorted(spans - header)]
 
 
 def _gcide(cache: Path, max_chars: int = MAX_DOC_CHARS // 2) -> list[Document]:
@@ -240,15 +254,20 @@ def _gcide(cache: Path, max_chars: int = MAX_DOC_CHARS // 2) -> list[Document]:
     base = root / "usr/share/dictd"
     if not (base / "gcide.dict.dz").exists() or not (base / "gcide.index").exists():
         raise RuntimeError(f"dict-gcide unpacked under {root} has no usr/share/dictd/gcide.{{dict.dz,index}}")
-    entries = _dictd_entries((base / "gcide.index").read_text(encoding="utf-8", errors="replace"),
-                             gzip.decompress((base / "gcide.dict.dz").read_bytes()))
+    entries = _dictd_entries(
+        (base / "gcide.index").read_text(encoding="utf-8", errors="replace"),
+        gzip.decompress((base / "gcide.dict.dz").read_bytes()),
+    )
     by_letter: dict[str, list[str]] = {}
     for e in entries:
         if e:
             c = e[:1].upper()
             by_letter.setdefault(c if "A" <= c <= "Z" else "other", []).append(e)
-    return [Document(f"gcide/{letter}#{i}", chunk + "\n")
-            for letter, es in sorted(by_letter.items()) for i, chunk in enumerate(_chunks(es, max_chars))]
+    return [
+        Document(f"gcide/{letter}#{i}", chunk + "\n")
+        for letter, es in sorted(by_letter.items())
+        for i, chunk in enumerate(_chunks(es, max_chars))
+    ]
 
 
 # name -> reader(cache) of the documents of one source; DEFAULT_SOURCES is the built-in corpus
@@ -304,9 +323,15 @@ def _unit(name: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_documents(docs: list[Document], heldout_fraction: float = 0.05, seed: int = 0,
-                    min_long: int = 8, long_chars: int = 100_000, long_count=None,
-                    interleave_sources: bool = False) -> dict[str, list[Document]]:
+def split_documents(
+    docs: list[Document],
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+    min_long: int = 8,
+    long_chars: int = 100_000,
+    long_count=None,
+    interleave_sources: bool = False,
+) -> dict[str, list[Document]]:
     """Document-disjoint split by name hash; topped up so the held-out documents count at least
     `min_long` long ones. By default a document is long with `long_chars`+ characters; `long_count`
     (document -> how many long documents it gives, e.g. its pieces of 32K+ tokens) replaces that. The
@@ -323,8 +348,12 @@ def split_documents(docs: list[Document], heldout_fraction: float = 0.05, seed: 
         for d in long_docs:
             queues.setdefault(d.name.split("/")[0], []).append(d)
         order = sorted(queues)  # every source's first, then every source's second, ...
-        long_docs = [q[k] for k in range(max((len(q) for q in queues.values()), default=0))
-                     for q in (queues[o] for o in order) if k < len(q)]
+        long_docs = [
+            q[k]
+            for k in range(max((len(q) for q in queues.values()), default=0))
+            for q in (queues[o] for o in order)
+            if k < len(q)
+        ]
     missing = min_long - sum(count(d) for d in long_docs if d.name in held)
     for d in long_docs:
         if missing <= 0:
@@ -343,8 +372,12 @@ def train_tokenizer(docs: list[Document], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
     return tok
 
@@ -396,7 +429,7 @@ def _pack(ids: list[np.ndarray], eos: int, dtype) -> tuple[np.ndarray, np.ndarra
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     for s, x in zip(starts, ids):
-        flat[s:s + len(x)] = x
+        flat[s : s + len(x)] = x
         flat[s + len(x)] = eos
     return flat, starts
 
@@ -421,7 +454,7 @@ def _cut(names: list[str], ids: list[np.ndarray], max_tokens: int | None):
         offsets = np.concatenate([[0], np.cumsum(lens)])
         for k in range(len(lens)):
             out_names.append(f"{name}@{k}")
-            out_ids.append(x[offsets[k]:offsets[k + 1]])
+            out_ids.append(x[offsets[k] : offsets[k + 1]])
     return out_names, out_ids
 
 
@@ -450,14 +483,23 @@ def _cap_train(names: list[str], ids: list[np.ndarray], max_tokens: int, seed: i
             keep[i] = min(len(ids[i]), room - 1)
             room -= keep[i] + 1
     order = sorted(keep)
-    return [names[i] for i in order], [ids[i][:keep[i]] for i in order]
+    return [names[i] for i in order], [ids[i][: keep[i]] for i in order]
 
 
-def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None = None, vocab_size: int = 8192,
-                   heldout_fraction: float = 0.05, seed: int = 0, min_long: int = 8,
-                   tokenizer: Path | None = None, sources: list[str] | None = None,
-                   long_tokens: int | None = None, max_doc_tokens: int | None = None,
-                   max_train_tokens: int | None = None) -> dict:
+def prepare_corpus(
+    out_dir: Path,
+    source: Path | None = None,
+    cache: Path | None = None,
+    vocab_size: int = 8192,
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+    min_long: int = 8,
+    tokenizer: Path | None = None,
+    sources: list[str] | None = None,
+    long_tokens: int | None = None,
+    max_doc_tokens: int | None = None,
+    max_train_tokens: int | None = None,
+) -> dict:
     """Collect, split, tokenize both splits; returns the stats written. The tokenizer is a BPE trained
     on the train split, or `tokenizer` (a checkpoint's tokenizer.json) when fine-tuning a real model.
 
@@ -472,8 +514,10 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
     if long_tokens and tokenizer is None:
         raise ValueError("long_tokens counts tokens of a given tokenizer: pass --tokenizer")
     if max_doc_tokens is not None and long_tokens and max_doc_tokens < 2 * long_tokens:
-        raise ValueError(f"max_doc_tokens={max_doc_tokens} must be at least 2 x long_tokens={long_tokens} so "
-                         "the pieces of a cut document stay long")
+        raise ValueError(
+            f"max_doc_tokens={max_doc_tokens} must be at least 2 x long_tokens={long_tokens} so "
+            "the pieces of a cut document stay long"
+        )
     if sources is not None:
         sources = check_sources(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -493,10 +537,13 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
         encoded = dict(zip((d.name for d in docs), _encode_texts(tok, [d.text for d in docs])))
     long_count = None
     if long_tokens:
+
         def long_count(d):
             return sum(n >= long_tokens for n in _pieces(len(encoded[d.name]), max_doc_tokens))
-    splits = split_documents(docs, heldout_fraction, seed, min_long=min_long, long_count=long_count,
-                             interleave_sources=sources is not None)
+
+    splits = split_documents(
+        docs, heldout_fraction, seed, min_long=min_long, long_count=long_count, interleave_sources=sources is not None
+    )
     if tokenizer is None:
         log.info("training a %d-token BPE on %d train documents", vocab_size, len(splits["train"]))
         tok = train_tokenizer(splits["train"], vocab_size)
@@ -509,11 +556,19 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
         described = "sources:" + "+".join(sources)
     else:
         described = "builtin:" + "+".join(DEBIAN_PACKAGES) + "+python-stdlib"
-    stats = {"source": described,
-             "tokenizer": str(tokenizer) if tokenizer else f"bpe-{vocab_size} trained on train",
-             "vocab_size": tok.get_vocab_size(), "seed": seed, "heldout_fraction": heldout_fraction}
-    for key, value in (("long_tokens", long_tokens), ("min_long", min_long if long_tokens else None),
-                       ("max_doc_tokens", max_doc_tokens), ("max_train_tokens", max_train_tokens)):
+    stats = {
+        "source": described,
+        "tokenizer": str(tokenizer) if tokenizer else f"bpe-{vocab_size} trained on train",
+        "vocab_size": tok.get_vocab_size(),
+        "seed": seed,
+        "heldout_fraction": heldout_fraction,
+    }
+    for key, value in (
+        ("long_tokens", long_tokens),
+        ("min_long", min_long if long_tokens else None),
+        ("max_doc_tokens", max_doc_tokens),
+        ("max_train_tokens", max_train_tokens),
+    ):
         if value is not None:
             stats[key] = value
     eos = eos_id(tok)
@@ -532,11 +587,15 @@ def prepare_corpus(out_dir: Path, source: Path | None = None, cache: Path | None
         np.save(out_dir / f"{split}.npy", tokens)
         np.save(out_dir / f"{split}_starts.npy", starts)
         lengths = np.diff(np.append(starts, len(tokens)))
-        stats[split] = {"documents": len(ids), "tokens": int(len(tokens)),
-                        "docs_ge_8k": int((lengths >= 8192).sum()), "docs_ge_16k": int((lengths >= 16384).sum()),
-                        "docs_ge_32k": int((lengths - 1 >= 32768).sum()),
-                        "longest": int(lengths.max()) if len(lengths) else 0,
-                        "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+        stats[split] = {
+            "documents": len(ids),
+            "tokens": int(len(tokens)),
+            "docs_ge_8k": int((lengths >= 8192).sum()),
+            "docs_ge_16k": int((lengths >= 16384).sum()),
+            "docs_ge_32k": int((lengths - 1 >= 32768).sum()),
+            "longest": int(lengths.max()) if len(lengths) else 0,
+            "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        }
         if long_tokens:
             stats[split][f"docs_ge_{long_tokens}_tokens"] = int(sum(len(x) >= long_tokens for x in ids))
         if before != len(tokens):
@@ -598,7 +657,7 @@ def sample_windows(corpus_dir: Path, split: str, length: int, count: int, seed: 
         raise ValueError(f"the {split} split has {len(data)} tokens, fewer than one window of {length}")
     gen = np.random.default_rng(seed)
     offsets = gen.integers(0, len(data) - length, size=count)
-    return torch.from_numpy(np.stack([np.asarray(data[o:o + length], dtype=np.int64) for o in offsets]))
+    return torch.from_numpy(np.stack([np.asarray(data[o : o + length], dtype=np.int64) for o in offsets]))
 
 
 def batches(corpus_dir: Path, split: str, length: int, batch_size: int, steps: int, seed: int):
@@ -609,5 +668,8 @@ def batches(corpus_dir: Path, split: str, length: int, batch_size: int, steps: i
 
 def long_documents(corpus_dir: Path, split: str, min_tokens: int) -> list[np.ndarray]:
     """Documents of at least `min_tokens` tokens (EOS excluded), in corpus order."""
-    return [np.asarray(d[:-1], dtype=np.int64) for d in load_split(corpus_dir, split).documents()
-            if len(d) - 1 >= min_tokens]
+    return [
+        np.asarray(d[:-1], dtype=np.int64)
+        for d in load_split(corpus_dir, split).documents()
+        if len(d) - 1 >= min_tokens
+    ]

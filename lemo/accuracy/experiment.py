@@ -10,11 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
+from ..bench.yamlfile import load_yaml
 from ..config import check_types, from_fields
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
-from ..bench.yamlfile import load_yaml
 
 
 @dataclass
@@ -40,10 +39,23 @@ class Experiment:
 
 
 SECTIONS = {"name", "corpus", "pretrain", "finetune", "methods", "predictors", "fidelity", "model"}
-CORPUS_KEYS = {"vocab_size": int, "heldout_fraction": float, "seed": int, "min_long": int, "sources": list,
-               "long_tokens": int, "max_doc_tokens": int, "max_train_tokens": int}  # prepare_corpus
-PREDICTOR_KEYS = {"context": int, "steps": int, "batch": int,  # lemo train-predictors
-                  "sparse_layers": list, "target_recall": float}  # and eval-predictors
+CORPUS_KEYS = {
+    "vocab_size": int,
+    "heldout_fraction": float,
+    "seed": int,
+    "min_long": int,
+    "sources": list,
+    "long_tokens": int,
+    "max_doc_tokens": int,
+    "max_train_tokens": int,
+}  # prepare_corpus
+PREDICTOR_KEYS = {
+    "context": int,
+    "steps": int,
+    "batch": int,  # lemo train-predictors
+    "sparse_layers": list,
+    "target_recall": float,
+}  # and eval-predictors
 
 
 def _section(data, keys: dict, where: str) -> dict:
@@ -79,8 +91,11 @@ def _fidelity(data, where: str) -> dict | None:
     if not isinstance(data, dict) or set(data) - {"windows", "rope_factors", "variants"} or "variants" not in data:
         raise ValueError(f"{where}: expected keys windows, rope_factors, variants; got {data!r}")
     factors = data.get("rope_factors")
-    if not isinstance(factors, dict) or not factors or not all(
-            isinstance(c, list) and c and all(isinstance(x, int) and x > 0 for x in c) for c in factors.values()):
+    if (
+        not isinstance(factors, dict)
+        or not factors
+        or not all(isinstance(c, list) and c and all(isinstance(x, int) and x > 0 for x in c) for c in factors.values())
+    ):
         raise ValueError(f"{where}: rope_factors must map a factor to a list of contexts, got {factors!r}")
     for label, options in data["variants"].items():
         try:
@@ -113,9 +128,13 @@ def load_experiment(path: Path) -> Experiment:
         raise ValueError(f"{path}: methods must map labels to methods, got {data['methods']!r}")
     for label, spec in data["methods"].items():
         method_options(spec, f"{path}: method {label!r}")
-    return Experiment(name=str(data["name"]), corpus=_section(data.get("corpus", {}), CORPUS_KEYS, f"{path}: corpus"),
-                      pretrain=_config(PretrainConfig, data.get("pretrain", {}), f"{path}: pretrain"),
-                      finetune=_config(FinetuneConfig, data["finetune"], f"{path}: finetune"),
-                      methods=data["methods"],
-                      predictors=_section(data.get("predictors", {}), PREDICTOR_KEYS, f"{path}: predictors"),
-                      fidelity=_fidelity(data.get("fidelity"), f"{path}: fidelity"), model=data.get("model"))
+    return Experiment(
+        name=str(data["name"]),
+        corpus=_section(data.get("corpus", {}), CORPUS_KEYS, f"{path}: corpus"),
+        pretrain=_config(PretrainConfig, data.get("pretrain", {}), f"{path}: pretrain"),
+        finetune=_config(FinetuneConfig, data["finetune"], f"{path}: finetune"),
+        methods=data["methods"],
+        predictors=_section(data.get("predictors", {}), PREDICTOR_KEYS, f"{path}: predictors"),
+        fidelity=_fidelity(data.get("fidelity"), f"{path}: fidelity"),
+        model=data.get("model"),
+    )

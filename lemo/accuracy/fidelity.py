@@ -29,8 +29,11 @@ QUERY_CHUNK = 1024
 
 
 def _lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().float().flatten().clone() for n, p in model.named_parameters()
-            if p.requires_grad and p.grad is not None}
+    return {
+        n: p.grad.detach().float().flatten().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
 
 
 def _layer_of(name: str) -> int | None:
@@ -68,7 +71,7 @@ def _token_nll(lm, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         for start in range(0, hidden.shape[1] - 1, 4096):
             end = min(start + 4096, hidden.shape[1] - 1)
             logits = head(hidden[:, start:end]).float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), ids[:, start + 1:end + 1], reduction="none"))
+            out.append(F.cross_entropy(logits.transpose(1, 2), ids[:, start + 1 : end + 1], reduction="none"))
     return torch.cat(out, dim=1)
 
 
@@ -116,9 +119,14 @@ def _attention_masses(model, ids: torch.Tensor, autocast: bool) -> dict[int, tup
     layers = get_adapter(lm.config.model_type).decoder(lm).layers
     inputs, handles = {}, []
     for i in lm._lemo.originals:
-        handles.append(layers[i].register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: inputs.__setitem__(i, (args[0].detach(), kwargs.get("position_embeddings"))),
-            with_kwargs=True))
+        handles.append(
+            layers[i].register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: inputs.__setitem__(
+                    i, (args[0].detach(), kwargs.get("position_embeddings"))
+                ),
+                with_kwargs=True,
+            )
+        )
     try:
         with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             model(input_ids=ids, labels=ids)
@@ -149,8 +157,9 @@ def fate_masks(state, length: int) -> dict[str, torch.Tensor]:
     return {"kept_all": kept_all, "eliminated_last": elim_last, "other": ~kept_all & ~elim_last}
 
 
-def run_fidelity(model, windows: torch.Tensor, variants: dict[str, dict], autocast: bool = False,
-                 attention_mass: bool = True) -> list[dict]:
+def run_fidelity(
+    model, windows: torch.Tensor, variants: dict[str, dict], autocast: bool = False, attention_mass: bool = True
+) -> list[dict]:
     """Long-format rows (variant, window, metric, layer, value) for each LeMo variant against dense.
 
     `model` is a PEFT LoRA model in training mode; `windows` (W, L) token ids on the model's device.
@@ -169,19 +178,35 @@ def run_fidelity(model, windows: torch.Tensor, variants: dict[str, dict], autoca
                 length = ids.shape[1]
                 overall, per_layer = grad_cosines(grads, dense_grads)
                 rows.append(dict(variant=name, window=w, metric="loss", layer=None, value=loss))
-                rows.append(dict(variant=name, window=w, metric="loss_delta_pct", layer=None,
-                                 value=100 * (loss / dense_loss - 1)))
+                rows.append(
+                    dict(
+                        variant=name, window=w, metric="loss_delta_pct", layer=None, value=100 * (loss / dense_loss - 1)
+                    )
+                )
                 rows.append(dict(variant=name, window=w, metric="grad_cos", layer=None, value=overall))
-                rows += [dict(variant=name, window=w, metric="grad_cos", layer=i, value=c) for i, c in per_layer.items()]
+                rows += [
+                    dict(variant=name, window=w, metric="grad_cos", layer=i, value=c) for i, c in per_layer.items()
+                ]
                 for fate, mask in fate_masks(state, length).items():
                     m = mask[:-1].to(nll.device)  # prediction positions
-                    rows.append(dict(variant=name, window=w, metric=f"share_{fate}", layer=None,
-                                     value=float(m.float().mean())))
+                    rows.append(
+                        dict(variant=name, window=w, metric=f"share_{fate}", layer=None, value=float(m.float().mean()))
+                    )
                     if m.any():
-                        rows.append(dict(variant=name, window=w, metric=f"nll_{fate}", layer=None,
-                                         value=float(nll[0, m].mean())))
-                        rows.append(dict(variant=name, window=w, metric=f"dense_nll_{fate}", layer=None,
-                                         value=float(dense_nll[0, m].mean())))
+                        rows.append(
+                            dict(
+                                variant=name, window=w, metric=f"nll_{fate}", layer=None, value=float(nll[0, m].mean())
+                            )
+                        )
+                        rows.append(
+                            dict(
+                                variant=name,
+                                window=w,
+                                metric=f"dense_nll_{fate}",
+                                layer=None,
+                                value=float(dense_nll[0, m].mean()),
+                            )
+                        )
                 if attention_mass:
                     for i, (kq, allq) in _attention_masses(model, ids, autocast).items():
                         rows.append(dict(variant=name, window=w, metric="mass_kept_queries", layer=i, value=kq))
@@ -200,17 +225,40 @@ def summarize(rows: list[dict]):
     layered = df[df["layer"].notna()].groupby(["context", "variant", "metric"])["value"].mean().unstack("metric")
     layered = layered.rename(columns={c: f"{c}_layer_mean" for c in layered.columns})
     table = overall.join(layered, how="left").reset_index()
-    first = ["context", "variant", "loss", "loss_delta_pct", "grad_cos", "grad_cos_layer_mean",
-             "mass_kept_queries_layer_mean", "mass_all_queries_layer_mean", "share_kept_all", "nll_kept_all",
-             "dense_nll_kept_all", "share_eliminated_last", "nll_eliminated_last", "dense_nll_eliminated_last"]
+    first = [
+        "context",
+        "variant",
+        "loss",
+        "loss_delta_pct",
+        "grad_cos",
+        "grad_cos_layer_mean",
+        "mass_kept_queries_layer_mean",
+        "mass_all_queries_layer_mean",
+        "share_kept_all",
+        "nll_kept_all",
+        "dense_nll_kept_all",
+        "share_eliminated_last",
+        "nll_eliminated_last",
+        "dense_nll_eliminated_last",
+    ]
     cols = [c for c in first if c in table.columns] + [c for c in table.columns if c not in first]
     return table[cols]
 
 
-def fidelity_experiment(model_dir: Path, corpus_dir: Path, out_csv: Path, variants: dict[str, dict],
-                        contexts: list[int], windows: int, rope_factor: float = 1.0, device: str = "cuda",
-                        seed: int = 0, attention_mass: bool = True, adapters: Path | None = None,
-                        merge: bool = False) -> list[dict]:
+def fidelity_experiment(
+    model_dir: Path,
+    corpus_dir: Path,
+    out_csv: Path,
+    variants: dict[str, dict],
+    contexts: list[int],
+    windows: int,
+    rope_factor: float = 1.0,
+    device: str = "cuda",
+    seed: int = 0,
+    attention_mass: bool = True,
+    adapters: Path | None = None,
+    merge: bool = False,
+) -> list[dict]:
     """Load the checkpoint (RoPE scaled by rope_factor), add LoRA, run the diagnostics per context.
 
     merge: update an existing out_csv, replacing only these variants' rows (a screen of new variants

@@ -56,8 +56,9 @@ class FinetuneConfig:
 
 
 def _autocast(cfg: "FinetuneConfig", device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=cfg.master_weights == "float32" and device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.master_weights == "float32" and device.type == "cuda"
+    )
 
 
 def load_extended(model_dir: Path, rope_factor: float, device, dtype=torch.bfloat16, attn: str = "sdpa"):
@@ -68,8 +69,9 @@ def load_extended(model_dir: Path, rope_factor: float, device, dtype=torch.bfloa
     params = dict(getattr(cfg, "rope_parameters", None) or {})
     if rope_factor != 1.0:
         if params.get("rope_type", "default") not in ("default", "linear"):
-            raise ValueError(f"{model_dir} uses rope_type {params.get('rope_type')!r}; linear scaling needs a "
-                             "default or linear RoPE")
+            raise ValueError(
+                f"{model_dir} uses rope_type {params.get('rope_type')!r}; linear scaling needs a default or linear RoPE"
+            )
         base = float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
         params.update(rope_type="linear", factor=base * rope_factor)
         cfg.rope_parameters = params
@@ -91,7 +93,7 @@ def evaluate(model, model_dir: Path, corpus_dir: Path, cfg: FinetuneConfig) -> l
     """Perplexity at each eval context (same tokens for all) and passkey accuracy at each length."""
     docs = long_documents(corpus_dir, "heldout", cfg.eval_tokens_per_doc)
     if cfg.eval_docs:
-        docs = docs[:cfg.eval_docs]
+        docs = docs[: cfg.eval_docs]
     device = next(model.parameters()).device
     with _autocast(cfg, device):
         return _evaluate(model, model_dir, docs, cfg)
@@ -101,29 +103,63 @@ def _evaluate(model, model_dir: Path, docs, cfg: FinetuneConfig) -> list[dict]:
     rows = []
     shortest = min(cfg.eval_contexts)  # its window starts are left unscored at every context
     for context in cfg.eval_contexts:
-        r = perplexity(model, docs, context, cfg.eval_tokens_per_doc, batch_size=cfg.eval_batch_size,
-                       unscored_every=shortest)
-        rows.append({"metric": "perplexity", "context": context, "value": r["ppl"], "nll": r["nll"],
-                     "tokens": r["tokens"], "documents": len(docs)})
+        r = perplexity(
+            model, docs, context, cfg.eval_tokens_per_doc, batch_size=cfg.eval_batch_size, unscored_every=shortest
+        )
+        rows.append(
+            {
+                "metric": "perplexity",
+                "context": context,
+                "value": r["ppl"],
+                "nll": r["nll"],
+                "tokens": r["tokens"],
+                "documents": len(docs),
+            }
+        )
     if len({r["tokens"] for r in rows}) != 1:
-        raise ValueError(f"eval contexts {cfg.eval_contexts} scored different token counts; use contexts that are "
-                         "multiples of the shortest")
+        raise ValueError(
+            f"eval contexts {cfg.eval_contexts} scored different token counts; use contexts that are "
+            "multiples of the shortest"
+        )
     tok = load_tokenizer(model_dir)
     if cfg.retrieval_depths:
         for task in ("passkey", "kv"):
             # one test set for every run: the training seed does not pick the questions
-            rows += retrieval_grid(model, tok, task, cfg.passkey_lengths, cfg.retrieval_depths, cfg.passkey_trials,
-                                   seed=0, pairs=cfg.kv_pairs)
+            rows += retrieval_grid(
+                model,
+                tok,
+                task,
+                cfg.passkey_lengths,
+                cfg.retrieval_depths,
+                cfg.passkey_trials,
+                seed=0,
+                pairs=cfg.kv_pairs,
+            )
         return rows
     for length in cfg.passkey_lengths:
         r = passkey_accuracy(model, tok, length, trials=cfg.passkey_trials, seed=cfg.seed)
-        rows.append({"metric": "passkey", "context": length, "value": r["accuracy"],
-                     "token_accuracy": r["token_accuracy"], "trials": r["trials"]})
+        rows.append(
+            {
+                "metric": "passkey",
+                "context": length,
+                "value": r["accuracy"],
+                "token_accuracy": r["token_accuracy"],
+                "trials": r["trials"],
+            }
+        )
     return rows
 
 
-def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, options: dict, cfg: FinetuneConfig,
-             device: str = "cuda", save_trained: Path | None = None) -> list[dict]:
+def finetune(
+    model_dir: Path,
+    corpus_dir: Path,
+    out_dir: Path,
+    label: str,
+    options: dict,
+    cfg: FinetuneConfig,
+    device: str = "cuda",
+    save_trained: Path | None = None,
+) -> list[dict]:
     """Fine-tune with method `options["method"]`, write loss curve + eval rows under out_dir/label (and
     the trained parameters to save_trained/label.pt)."""
     from ..bench.provenance import provenance
@@ -136,8 +172,9 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
     out = Path(out_dir) / label
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = load_extended(model_dir, cfg.rope_factor, device,
-                          dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16)
+    model = load_extended(
+        model_dir, cfg.rope_factor, device, dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16
+    )
     method = get_method(options["method"])
     model = method.setup(model, options)
     if cfg.gradient_checkpointing:
@@ -149,8 +186,12 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    bar = progress(batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps,
-                   desc=f"finetune {label}", unit="step")
+    bar = progress(
+        batches(corpus_dir, "train", cfg.context, cfg.batch_size, cfg.steps, cfg.seed),
+        total=cfg.steps,
+        desc=f"finetune {label}",
+        unit="step",
+    )
     for step, ids in enumerate(bar):
         ids = ids.to(device)
         for g in opt.param_groups:
@@ -172,16 +213,26 @@ def finetune(model_dir: Path, corpus_dir: Path, out_dir: Path, label: str, optio
         w.writeheader()
         w.writerows(history)
     rows = evaluate(model, model_dir, corpus_dir, cfg)
-    meta = {"label": label, "method": options["method"], "seed": cfg.seed, "options": json.dumps(options, sort_keys=True),
-            "train_seconds": train_seconds, "train_peak_gib": peak, "final_loss": history[-1]["loss"],
-            "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
-            **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
+    meta = {
+        "label": label,
+        "method": options["method"],
+        "seed": cfg.seed,
+        "options": json.dumps(options, sort_keys=True),
+        "train_seconds": train_seconds,
+        "train_peak_gib": peak,
+        "final_loss": history[-1]["loss"],
+        "finetune_config": json.dumps(asdict(cfg), sort_keys=True),
+        "model_dir": str(model_dir),
+        **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))},
+    }
     rows = [{**meta, **r} for r in rows]
     (out / "eval.json").write_text(json.dumps(rows, indent=1, default=str))
     if save_trained is not None:
         Path(save_trained).mkdir(parents=True, exist_ok=True)
-        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                   Path(save_trained) / f"{label}.pt")
+        torch.save(
+            {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            Path(save_trained) / f"{label}.pt",
+        )
     return rows
 
 
@@ -192,11 +243,17 @@ def evaluate_base(model_dir: Path, corpus_dir: Path, out_dir: Path, cfg: Finetun
     device = torch.device(device)
     rows = []
     for label, factor in (("pretrained", 1.0), ("pretrained+PI", cfg.rope_factor)):
-        model = load_extended(model_dir, factor, device,
-                              dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16)
-        meta = {"label": label, "method": "none", "options": json.dumps({"rope_factor": factor}),
-                "finetune_config": json.dumps(asdict(cfg), sort_keys=True), "model_dir": str(model_dir),
-                **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))}}
+        model = load_extended(
+            model_dir, factor, device, dtype=torch.float32 if cfg.master_weights == "float32" else torch.bfloat16
+        )
+        meta = {
+            "label": label,
+            "method": "none",
+            "options": json.dumps({"rope_factor": factor}),
+            "finetune_config": json.dumps(asdict(cfg), sort_keys=True),
+            "model_dir": str(model_dir),
+            **{k: v for k, v in provenance(device).items() if not isinstance(v, (dict, list))},
+        }
         rows += [{**meta, **r} for r in evaluate(model, model_dir, corpus_dir, cfg)]
         out = Path(out_dir) / label
         out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,10 @@ import torch
 
 from ..bench.progress import progress
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
@@ -57,11 +59,14 @@ def make_sample(tokenizer, length: int, depth: float, key: int) -> PasskeySample
     prompt_ids = _encode(tokenizer, prompt).ids
     answer_start = len(prompt_ids)
     if full.ids[:answer_start] != prompt_ids:
-        raise ValueError("this tokenizer merges the answer into the question's last token; passkey scoring "
-                         "needs the answer to start a new token")
+        raise ValueError(
+            "this tokenizer merges the answer into the question's last token; passkey scoring "
+            "needs the answer to start a new token"
+        )
     key_char = len(INTRO + FILLER * before)
-    return PasskeySample(list(full.ids), answer_start, key, full.char_to_token(key_char),
-                         full.char_to_token(key_char + len(key_line)))
+    return PasskeySample(
+        list(full.ids), answer_start, key, full.char_to_token(key_char), full.char_to_token(key_char + len(key_line))
+    )
 
 
 KV_LINE = "The value of key {key} is {value}. "
@@ -88,7 +93,7 @@ def make_kv_sample(tokenizer, length: int, pairs: int, target: int, rng: random.
             break
         n_fill -= max(1, (len(full.ids) - length) // max(1, int(per_filler)))
     prompt_ids = _encode(tokenizer, prompt).ids
-    if full.ids[:len(prompt_ids)] != prompt_ids:
+    if full.ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("this tokenizer merges the answer into the question's last token")
     return PasskeySample(list(full.ids), len(prompt_ids), values[target], 0, 0)
 
@@ -99,13 +104,14 @@ def _score(model, sample: PasskeySample, device) -> tuple[bool, int, int]:
     n = len(sample.ids) - sample.answer_start
     # only the logits that predict the answer: a full-length vocabulary projection is GBs at 32K
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n]
-    hits = (logits.argmax(-1) == ids[0, sample.answer_start:]).int()
+    hits = (logits.argmax(-1) == ids[0, sample.answer_start :]).int()
     return bool(hits.all()), int(hits.sum()), hits.numel()
 
 
 @torch.no_grad()
-def retrieval_grid(model, tokenizer, task: str, lengths: list[int], depths: list[float], trials: int,
-                   seed: int = 0, pairs: int = 8) -> list[dict]:
+def retrieval_grid(
+    model, tokenizer, task: str, lengths: list[int], depths: list[float], trials: int, seed: int = 0, pairs: int = 8
+) -> list[dict]:
     """One row per (length, depth) cell with `trials` trials: exact and per-token accuracy.
 
     task "passkey": depth = where the key line sits; task "kv": depth = which of `pairs` key-value
@@ -129,8 +135,16 @@ def retrieval_grid(model, tokenizer, task: str, lengths: list[int], depths: list
                 e, h, t = _score(model, s, device)
                 exact, hit, total = exact + e, hit + h, total + t
                 bar.update()
-            rows.append({"metric": task, "context": length, "depth": depth, "value": exact / trials,
-                         "token_accuracy": hit / total, "trials": trials})
+            rows.append(
+                {
+                    "metric": task,
+                    "context": length,
+                    "depth": depth,
+                    "value": exact / trials,
+                    "token_accuracy": hit / total,
+                    "trials": trials,
+                }
+            )
     bar.close()
     model.train(was_training)
     return rows
@@ -147,8 +161,8 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 20, seed: int 
     for t in progress(range(trials), desc=f"passkey @{length}", unit="trial", leave=False):
         s = make_sample(tokenizer, length, depth=t / max(1, trials - 1), key=rng.randint(10000, 99999))
         ids = torch.tensor([s.ids], device=device)
-        pred = model(input_ids=ids, use_cache=False).logits[0, s.answer_start - 1:-1].argmax(-1)
-        hits = (pred == ids[0, s.answer_start:]).int()
+        pred = model(input_ids=ids, use_cache=False).logits[0, s.answer_start - 1 : -1].argmax(-1)
+        hits = (pred == ids[0, s.answer_start :]).int()
         exact += int(hits.all())
         token_hits += int(hits.sum())
         token_total += hits.numel()

@@ -23,16 +23,25 @@ def windows(docs: list[np.ndarray], context: int, tokens_per_doc: int) -> torch.
     """(W, context) windows covering the first `tokens_per_doc` tokens of each long-enough document."""
     if tokens_per_doc % context:
         raise ValueError(f"tokens_per_doc ({tokens_per_doc}) must be a multiple of the context ({context})")
-    rows = [torch.from_numpy(np.asarray(d[:tokens_per_doc], dtype=np.int64)).view(-1, context)
-            for d in docs if len(d) >= tokens_per_doc]
+    rows = [
+        torch.from_numpy(np.asarray(d[:tokens_per_doc], dtype=np.int64)).view(-1, context)
+        for d in docs
+        if len(d) >= tokens_per_doc
+    ]
     if not rows:
         raise ValueError(f"no document has {tokens_per_doc} tokens; lower tokens_per_doc or use longer documents")
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def perplexity(model, docs: list[np.ndarray], context: int, tokens_per_doc: int, batch_size: int = 1,
-               unscored_every: int | None = None) -> dict:
+def perplexity(
+    model,
+    docs: list[np.ndarray],
+    context: int,
+    tokens_per_doc: int,
+    batch_size: int = 1,
+    unscored_every: int | None = None,
+) -> dict:
     """{'nll': mean next-token NLL (nats), 'ppl': exp(nll), 'tokens': predictions, 'windows': W}.
 
     `unscored_every` = m leaves out predictions of the tokens at positions k*m of each document (the
@@ -44,11 +53,14 @@ def perplexity(model, docs: list[np.ndarray], context: int, tokens_per_doc: int,
     device = next(model.parameters()).device
     data = windows(docs, context, tokens_per_doc)
     positions = torch.arange(1, context, device=device)  # target positions within a window
-    keep = torch.ones(context - 1, dtype=torch.bool, device=device) if unscored_every is None else \
-        positions % unscored_every != 0  # window offsets are multiples of the context, hence of m
+    keep = (
+        torch.ones(context - 1, dtype=torch.bool, device=device)
+        if unscored_every is None
+        else positions % unscored_every != 0
+    )  # window offsets are multiples of the context, hence of m
     total, count = 0.0, 0
     for i in progress(range(0, len(data), batch_size), desc=f"perplexity @{context}", unit="batch", leave=False):
-        ids = data[i:i + batch_size].to(device)
+        ids = data[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, context - 1)
         total += nll[:, keep].sum().item()

@@ -50,11 +50,20 @@ class PretrainConfig:
 def model_config(cfg: PretrainConfig, vocab_size: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.context,
-                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=0)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.context,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=0,
+    )
 
 
 def warmup_cosine(step: int, lr: float, warmup: int, steps: int, floor: float = 0.0) -> float:
@@ -74,7 +83,7 @@ def heldout_loss(model, windows: torch.Tensor, batch_size: int, device) -> float
     model.eval()
     total = 0.0
     for i in range(0, len(windows), batch_size):
-        ids = windows[i:i + batch_size].to(device)
+        ids = windows[i : i + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             total += model(input_ids=ids, labels=ids).loss.item() * len(ids)
     model.train()
@@ -97,9 +106,12 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
     held = sample_windows(corpus_dir, "heldout", cfg.context, cfg.eval_windows, seed=12345)
     train_tokens = len(load_split(corpus_dir, "train").tokens)
     history, start, stopped_early = [], time.perf_counter(), False
@@ -120,14 +132,25 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
         last = step == cfg.steps - 1
         out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
         if step % 25 == 0 or last or out_of_time or (step + 1) % cfg.eval_every == 0:
-            row = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.context, "lr": lr_at(step, cfg),
-                   "train_loss": loss.item(), "heldout_loss": None, "seconds": time.perf_counter() - start}
+            row = {
+                "step": step + 1,
+                "tokens": (step + 1) * cfg.batch_size * cfg.context,
+                "lr": lr_at(step, cfg),
+                "train_loss": loss.item(),
+                "heldout_loss": None,
+                "seconds": time.perf_counter() - start,
+            }
             if (step + 1) % cfg.eval_every == 0 or last or out_of_time:
                 row["heldout_loss"] = heldout_loss(model, held, cfg.batch_size, device)
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", refresh=False)
-            log.info("step %5d loss %.3f heldout %s %.0fs", row["step"], row["train_loss"], row["heldout_loss"],
-                     row["seconds"])
+            log.info(
+                "step %5d loss %.3f heldout %s %.0fs",
+                row["step"],
+                row["train_loss"],
+                row["heldout_loss"],
+                row["seconds"],
+            )
         if out_of_time and not last:
             stopped_early = True
             break
@@ -144,12 +167,20 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
     weights = hashlib.sha256()
     for path in sorted(out_dir.glob("*.safetensors")):
         weights.update(path.read_bytes())
-    summary = {"config": asdict(cfg), "parameters": params, "steps_done": step + 1, "stopped_early": stopped_early,
-               "tokens_seen": (step + 1) * cfg.batch_size * cfg.context, "train_tokens": train_tokens,
-               "epochs": (step + 1) * cfg.batch_size * cfg.context / train_tokens, "seconds": seconds,
-               "final_train_loss": history[-1]["train_loss"], "final_heldout_loss": history[-1]["heldout_loss"],
-               "weights_sha256": weights.hexdigest(),
-               "corpus": json.loads((corpus_dir / "stats.json").read_text()),
-               "provenance": provenance(device)}
+    summary = {
+        "config": asdict(cfg),
+        "parameters": params,
+        "steps_done": step + 1,
+        "stopped_early": stopped_early,
+        "tokens_seen": (step + 1) * cfg.batch_size * cfg.context,
+        "train_tokens": train_tokens,
+        "epochs": (step + 1) * cfg.batch_size * cfg.context / train_tokens,
+        "seconds": seconds,
+        "final_train_loss": history[-1]["train_loss"],
+        "final_heldout_loss": history[-1]["heldout_loss"],
+        "weights_sha256": weights.hexdigest(),
+        "corpus": json.loads((corpus_dir / "stats.json").read_text()),
+        "provenance": provenance(device),
+    }
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

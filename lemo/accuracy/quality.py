@@ -45,8 +45,10 @@ def perplexity(df: pd.DataFrame) -> pd.DataFrame:
     out["delta_pct"] = 100 * (out["ppl"] / out["context"].map(lora) - 1)
     # each seed's own delta against lora's mean: the spread of the delta
     per_seed = df[df.metric == "perplexity"].assign(d=lambda f: 100 * (f["value"] / f["context"].map(lora) - 1))
-    out = out.merge(per_seed.groupby(["label", "context"])["d"].agg(_spread).rename("delta_spread").reset_index(),
-                    on=["label", "context"])
+    out = out.merge(
+        per_seed.groupby(["label", "context"])["d"].agg(_spread).rename("delta_spread").reset_index(),
+        on=["label", "context"],
+    )
     return out
 
 
@@ -57,7 +59,9 @@ def retrieval(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     per_run = r.groupby(["label", "run", "metric", "context"])["value"].mean().reset_index()
     g = per_run.groupby(["label", "metric", "context"])["value"]
-    out = pd.DataFrame({"acc_pts": 100 * g.mean(), "spread_pts": 100 * g.agg(_spread), "seeds": g.count()}).reset_index()
+    out = pd.DataFrame(
+        {"acc_pts": 100 * g.mean(), "spread_pts": 100 * g.agg(_spread), "seeds": g.count()}
+    ).reset_index()
     lora = out[out.label == "lora"].set_index(["metric", "context"])["acc_pts"]
     out["delta_pts"] = out["acc_pts"] - [lora.get((m, c), float("nan")) for m, c in zip(out.metric, out.context)]
     return out
@@ -69,9 +73,13 @@ def memory_ratios(sweep_csv: Path) -> pd.DataFrame:
     s = s[(s.status == "ok") & s.metric.isin(["peak_allocated_gib", "step_s"])]
     wide = s.pivot_table(index="method", columns="metric", values="value")
     lora = wide.loc["lora"]
-    return pd.DataFrame({"peak_gib": wide["peak_allocated_gib"],
-                         "memory_ratio": lora["peak_allocated_gib"] / wide["peak_allocated_gib"],
-                         "speed_ratio": lora["step_s"] / wide["step_s"]}).reset_index(names="label")
+    return pd.DataFrame(
+        {
+            "peak_gib": wide["peak_allocated_gib"],
+            "memory_ratio": lora["peak_allocated_gib"] / wide["peak_allocated_gib"],
+            "speed_ratio": lora["step_s"] / wide["step_s"],
+        }
+    ).reset_index(names="label")
 
 
 def frontier(ppl: pd.DataFrame, ret: pd.DataFrame, mem: pd.DataFrame | None, context: int) -> pd.DataFrame:
@@ -102,8 +110,10 @@ def paper_points(reference_csv: Path) -> list[dict]:
     at = ref[(ref.metric == "peak_allocated_mib") & (ref.model == "llama2") & (ref.context == 8192) & ~ref.recompute]
     by = at.set_index("method").value
     ratio = by["lora"] / by["jenga"]
-    return [{"label": f"paper {data} {ctx // 1024}K", "memory_ratio": ratio, "ppl_delta_pct": 100 * (lemo / lora - 1)}
-            for data, ctx, lora, lemo in PAPER]
+    return [
+        {"label": f"paper {data} {ctx // 1024}K", "memory_ratio": ratio, "ppl_delta_pct": 100 * (lemo / lora - 1)}
+        for data, ctx, lora, lemo in PAPER
+    ]
 
 
 def draw_frontier(ax, front: pd.DataFrame, paper: list[dict], title: str | None = None) -> None:
@@ -112,14 +122,35 @@ def draw_frontier(ax, front: pd.DataFrame, paper: list[dict], title: str | None 
     f = front.dropna(subset=["memory_ratio"])
     for r in f.itertuples():
         seeds = f"{int(r.seeds)} seeds" if r.seeds > 1 else "1 seed"
-        ax.errorbar(r.memory_ratio, r.delta_pct, yerr=None if pd.isna(r.delta_spread) else r.delta_spread,
-                    fmt="o", color=method_color(r.label), capsize=3, label=f"{r.label} ({seeds})")
+        ax.errorbar(
+            r.memory_ratio,
+            r.delta_pct,
+            yerr=None if pd.isna(r.delta_spread) else r.delta_spread,
+            fmt="o",
+            color=method_color(r.label),
+            capsize=3,
+            label=f"{r.label} ({seeds})",
+        )
     for i, p in enumerate(paper):  # labelled beside the star, left of it: the variants are named in the legend
-        ax.scatter(p["memory_ratio"], p["ppl_delta_pct"], marker="*", s=140, facecolors="none", linewidths=1.3,
-                   edgecolors=method_color("lemo-paper"),
-                   label="LeMo: paper (Llama-2-7B; memory from the A800 artifact)" if i == 0 else None)
-        ax.annotate(p["label"], (p["memory_ratio"], p["ppl_delta_pct"]), textcoords="offset points", xytext=(-6, 0),
-                    ha="right", va="center", fontsize=7)
+        ax.scatter(
+            p["memory_ratio"],
+            p["ppl_delta_pct"],
+            marker="*",
+            s=140,
+            facecolors="none",
+            linewidths=1.3,
+            edgecolors=method_color("lemo-paper"),
+            label="LeMo: paper (Llama-2-7B; memory from the A800 artifact)" if i == 0 else None,
+        )
+        ax.annotate(
+            p["label"],
+            (p["memory_ratio"], p["ppl_delta_pct"]),
+            textcoords="offset points",
+            xytext=(-6, 0),
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
     ax.axhline(GOALS["ppl_delta_pct"], color="grey", ls="--", lw=0.8)
     ax.axvline(GOALS["memory_ratio"], color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=10)  # the paper's schedule sits an order of magnitude above the rest
@@ -128,8 +159,12 @@ def draw_frontier(ax, front: pd.DataFrame, paper: list[dict], title: str | None 
     ax.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     ax.set_xlabel("peak-memory saving vs LoRA at 8K, Llama-2-7B shape (x, H200)")
     ax.set_ylabel("perplexity vs LoRA at 32K (%)")
-    ax.set_title(title or "perplexity vs LoRA at 32K (%) after 4x extension, against memory saving\n"
-                 "(SmolLM2-135M; hollow stars: the paper, Llama-2-7B)", fontsize=10)
+    ax.set_title(
+        title
+        or "perplexity vs LoRA at 32K (%) after 4x extension, against memory saving\n"
+        "(SmolLM2-135M; hollow stars: the paper, Llama-2-7B)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
 
@@ -158,8 +193,10 @@ def fidelity_figure(table: pd.DataFrame, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * t.variant.nunique() + 2), sharey=True)
     variants = list(dict.fromkeys(t.sort_values("grad_cos").variant))
     height = 0.8 / len(contexts)
-    for metric, ax, title in (("loss_delta_pct", axes[0], "training-forward loss vs dense (%)"),
-                              ("grad_cos", axes[1], "LoRA-gradient cosine vs dense")):
+    for metric, ax, title in (
+        ("loss_delta_pct", axes[0], "training-forward loss vs dense (%)"),
+        ("grad_cos", axes[1], "LoRA-gradient cosine vs dense"),
+    ):
         for j, c in enumerate(contexts):
             v = t[t.context == c].set_index("variant").reindex(variants)[metric]
             ax.barh([i + j * height for i in range(len(variants))], v, height=height, label=f"{c // 1024}K")
@@ -177,23 +214,44 @@ def fidelity_figure(table: pd.DataFrame, out: Path) -> None:
 def readme_block(front: pd.DataFrame, fidelity: pd.DataFrame | None) -> str:
     """The README's short version: the frontier, and the fidelity screen at the longest context."""
     cols = ["label", "delta_pct", "delta_spread", "seeds", "acc_pts", "memory_ratio", "speed_ratio"]
-    f = front[[c for c in cols if c in front]].rename(columns={
-        "label": "method", "delta_pct": "ppl vs LoRA at 32K (%)", "delta_spread": "seed spread (pts of %)",
-        "acc_pts": "retrieval (exact, %)", "memory_ratio": "memory saving, 8K 7B", "speed_ratio": "speed, 8K 7B"})
+    f = front[[c for c in cols if c in front]].rename(
+        columns={
+            "label": "method",
+            "delta_pct": "ppl vs LoRA at 32K (%)",
+            "delta_spread": "seed spread (pts of %)",
+            "acc_pts": "retrieval (exact, %)",
+            "memory_ratio": "memory saving, 8K 7B",
+            "speed_ratio": "speed, 8K 7B",
+        }
+    )
     text = _md(f.sort_values("memory saving, 8K 7B"), ".2f")
     if fidelity is not None:
         longest = fidelity.context.max()
         t = fidelity[(fidelity.context == longest) & (fidelity.variant != "dense")]
         t = t[["variant", "loss_delta_pct", "grad_cos", "mass_all_queries_layer_mean", "share_kept_all"]].rename(
-            columns={"loss_delta_pct": "training loss vs dense (%)", "grad_cos": "LoRA-gradient cosine",
-                     "mass_all_queries_layer_mean": "attention mass kept", "share_kept_all": "tokens kept in all layers"})
-        text += (f"\n\nFidelity screen at {longest // 1024}K (RoPE x4, no training; loss of `loss_tokens: kept` "
-                 "variants is over the kept tokens):\n\n" + _md(t.sort_values("LoRA-gradient cosine", ascending=False)))
+            columns={
+                "loss_delta_pct": "training loss vs dense (%)",
+                "grad_cos": "LoRA-gradient cosine",
+                "mass_all_queries_layer_mean": "attention mass kept",
+                "share_kept_all": "tokens kept in all layers",
+            }
+        )
+        text += (
+            f"\n\nFidelity screen at {longest // 1024}K (RoPE x4, no training; loss of `loss_tokens: kept` "
+            "variants is over the kept tokens):\n\n" + _md(t.sort_values("LoRA-gradient cosine", ascending=False))
+        )
     return text
 
 
-def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Path, sweep_csv: Path | None,
-                         paper_csv: Path | None = None, readme: Path | None = None) -> list[Path]:
+def write_quality_report(
+    runs: Path,
+    fidelity_dir: Path,
+    out: Path,
+    figures: Path,
+    sweep_csv: Path | None,
+    paper_csv: Path | None = None,
+    readme: Path | None = None,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     written = []
@@ -206,18 +264,29 @@ def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Pat
         table = summarize(fid.to_dict("records"))
         fidelity_figure(table, figures / "fidelity.png")
         written += [out / "fidelity.csv", figures / "fidelity.png"]
-        cols = ["context", "variant", "loss_delta_pct", "grad_cos", "grad_cos_layer_mean",
-                "mass_kept_queries_layer_mean", "mass_all_queries_layer_mean", "share_kept_all",
-                "nll_eliminated_last", "dense_nll_eliminated_last"]
-        parts.append("## Fidelity screen (no training; LeMo's training forward + backward vs dense)\n\n"
-                     + _md(table[[c for c in cols if c in table]]) + "\n")
+        cols = [
+            "context",
+            "variant",
+            "loss_delta_pct",
+            "grad_cos",
+            "grad_cos_layer_mean",
+            "mass_kept_queries_layer_mean",
+            "mass_all_queries_layer_mean",
+            "share_kept_all",
+            "nll_eliminated_last",
+            "dense_nll_eliminated_last",
+        ]
+        parts.append(
+            "## Fidelity screen (no training; LeMo's training forward + backward vs dense)\n\n"
+            + _md(table[[c for c in cols if c in table]])
+            + "\n"
+        )
     df = collect_runs(runs)
     df.to_csv(out / "accuracy.csv", index=False)
     written.append(out / "accuracy.csv")
     ppl = perplexity(df)
     ret = retrieval(df)
-    parts.append("## Perplexity after 8K -> 32K extension (mean over seeds; spread = half-range)\n\n"
-                 + _md(ppl) + "\n")
+    parts.append("## Perplexity after 8K -> 32K extension (mean over seeds; spread = half-range)\n\n" + _md(ppl) + "\n")
     if not ret.empty:
         parts.append("## Retrieval (exact answers, points; mean over depths and seeds)\n\n" + _md(ret, ".1f") + "\n")
     mem = memory_ratios(sweep_csv) if sweep_csv is not None and Path(sweep_csv).exists() else None
@@ -225,10 +294,13 @@ def write_quality_report(runs: Path, fidelity_dir: Path, out: Path, figures: Pat
     front = frontier(ppl, ret, mem, longest)
     front.to_csv(out / "frontier.csv", index=False)
     written.append(out / "frontier.csv")
-    parts.append(f"## Frontier: quality at {longest // 1024}K against memory saving at 8K (Llama-2-7B, H200)\n\n"
-                 f"Goal: perplexity within +{GOALS['ppl_delta_pct']}% of LoRA, retrieval within "
-                 f"{-GOALS['retrieval_delta_pts']:.0f} points, memory saving >= {GOALS['memory_ratio']}x.\n\n"
-                 + _md(front) + "\n")
+    parts.append(
+        f"## Frontier: quality at {longest // 1024}K against memory saving at 8K (Llama-2-7B, H200)\n\n"
+        f"Goal: perplexity within +{GOALS['ppl_delta_pct']}% of LoRA, retrieval within "
+        f"{-GOALS['retrieval_delta_pts']:.0f} points, memory saving >= {GOALS['memory_ratio']}x.\n\n"
+        + _md(front)
+        + "\n"
+    )
     if mem is not None:
         paper = paper_points(paper_csv) if paper_csv is not None and Path(paper_csv).exists() else []
         frontier_figure(front, figures / "frontier.png", paper)

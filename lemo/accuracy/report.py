@@ -70,8 +70,11 @@ def passkey_table(frame: pd.DataFrame) -> str:
     head = ["method"] + [_ctx(c) for c in acc.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in acc.index:
-        lines.append("| " + " | ".join([label] + [f"{acc.loc[label, c]:.2f} ({tok.loc[label, c]:.2f})"
-                                                 for c in acc.columns]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([label] + [f"{acc.loc[label, c]:.2f} ({tok.loc[label, c]:.2f})" for c in acc.columns])
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -103,28 +106,47 @@ def predictor_section(pred_dir: Path) -> str:
         tr = meta.get("training", {})
         curve = tr.get("loss_curve") or []
         widths = sorted({tuple(w) for layer in meta.get("layers", {}).values() for w in layer.values()})
-        parts.append(f"Predictors: {meta['parameters'] / 1e6:.2f}M parameters for sparse layers "
-                     f"{meta['sparse_layers']}, trained {tr.get('steps', 0)} steps ({tr.get('tokens', 0) / 1e6:.1f}M "
-                     f"tokens, {tr.get('seconds', 0):.0f} s) against the oracle's block maps"
-                     + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
-                     + (f"; hidden widths {tuple(meta.get('initial_widths', ()))} -> "
-                        f"{', '.join(map(str, widths))} after elastic pruning" if widths else "") + ".")
+        parts.append(
+            f"Predictors: {meta['parameters'] / 1e6:.2f}M parameters for sparse layers "
+            f"{meta['sparse_layers']}, trained {tr.get('steps', 0)} steps ({tr.get('tokens', 0) / 1e6:.1f}M "
+            f"tokens, {tr.get('seconds', 0):.0f} s) against the oracle's block maps"
+            + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+            + (
+                f"; hidden widths {tuple(meta.get('initial_widths', ()))} -> "
+                f"{', '.join(map(str, widths))} after elastic pruning"
+                if widths
+                else ""
+            )
+            + "."
+        )
     r = pd.read_csv(recall_csv)
-    lines = ["| selection | layer | recall | block-score-mass recall | kept fraction | threshold |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| selection | layer | recall | block-score-mass recall | kept fraction | threshold |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in r.itertuples():
         thr = "" if pd.isna(row.threshold) else f"{row.threshold:.3f}"
-        lines.append(f"| {row.selection} | {row.layer} | {row.recall:.3f} | {row.mass_recall:.3f} | "
-                     f"{row.kept_fraction:.3f} | {thr} |")
+        lines.append(
+            f"| {row.selection} | {row.layer} | {row.recall:.3f} | {row.mass_recall:.3f} | "
+            f"{row.kept_fraction:.3f} | {thr} |"
+        )
     where = ""
     if "gpu" in r:
-        where = f" Evaluated on {r.gpu.iloc[0]} ({r.dtype.iloc[0]}), {int(r.batches.iloc[0]) * int(r.batch.iloc[0])} windows of " \
-                f"{int(r.context.iloc[0])} tokens, commit `{str(r.git_commit.iloc[0])[:10]}`."
+        where = (
+            f" Evaluated on {r.gpu.iloc[0]} ({r.dtype.iloc[0]}), "
+            f"{int(r.batches.iloc[0]) * int(r.batch.iloc[0])} windows of "
+            f"{int(r.context.iloc[0])} tokens, commit `{str(r.git_commit.iloc[0])[:10]}`."
+        )
     tuned = pred_dir / "recall.thresholds.json"
     if tuned.exists() and "tuned_on_seed" in json.loads(tuned.read_text()):
-        where += " Thresholds were tuned on other held-out windows than these (target recall " \
-                 f"{json.loads(tuned.read_text())['target_recall']:g})."
-    parts += [f"**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%).{where}",
-              "\n".join(lines)]
+        where += (
+            " Thresholds were tuned on other held-out windows than these (target recall "
+            f"{json.loads(tuned.read_text())['target_recall']:g})."
+        )
+    parts += [
+        f"**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%).{where}",
+        "\n".join(lines),
+    ]
     return "\n\n".join(parts)
 
 
@@ -135,8 +157,10 @@ def _scored_tokens(frame: pd.DataFrame) -> str:
     counts = frame[frame.metric == "perplexity"].groupby("context")["tokens"].max()
     if counts.nunique() == 1:
         return f"the same {int(counts.iloc[0])} scored tokens at every context."
-    return (f"scored tokens {int(counts.min())} to {int(counts.max())} (longer windows score the starts of "
-            "shorter ones; runs before the same-token fix).")
+    return (
+        f"scored tokens {int(counts.min())} to {int(counts.max())} (longer windows score the starts of "
+        "shorter ones; runs before the same-token fix)."
+    )
 
 
 def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = None) -> str:
@@ -148,25 +172,42 @@ def summary(frame: pd.DataFrame, pretrain: dict | None, pred_dir: Path | None = 
             f"Model: Llama architecture, {pretrain['parameters'] / 1e6:.1f}M parameters ({cfg['num_layers']} layers, "
             f"hidden {cfg['hidden_size']}, {cfg['num_heads']} heads), pretrained at {cfg['context']} tokens for "
             f"{pretrain['steps_done']} steps ({pretrain['tokens_seen'] / 1e6:.0f}M tokens, "
-            f"{pretrain['epochs']:.1f} epochs of {corpus.get('train', {}).get('tokens', 0) / 1e6:.1f}M train tokens) in "
+            f"{pretrain['epochs']:.1f} epochs of "
+            f"{corpus.get('train', {}).get('tokens', 0) / 1e6:.1f}M train tokens) in "
             f"{pretrain['seconds']:.0f} s; held-out loss {pretrain['final_heldout_loss']:.3f}. Weights sha256 "
-            f"`{pretrain['weights_sha256'][:16]}`.")
+            f"`{pretrain['weights_sha256'][:16]}`."
+        )
     ft = frame[frame.method != "none"]
     if not ft.empty:
         cfg = json.loads(ft.finetune_config.iloc[0])
-        parts.append(f"Fine-tuning: RoPE linear x{cfg['rope_factor']:g} to {cfg['context']} tokens, {cfg['steps']} steps of "
-                     f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, "
-                     + ("fp32 weights with bf16 autocast" if cfg.get("master_weights") == "float32" else
-                        "bf16 weights without an fp32 master copy") + ", same data "
-                     "order for every method. Evaluation: dense model (adapters on), "
-                     f"{int(frame[frame.metric == 'perplexity'].documents.iloc[0])} held-out documents x "
-                     f"{cfg['eval_tokens_per_doc']} tokens at every context; " + _scored_tokens(frame))
+        parts.append(
+            f"Fine-tuning: RoPE linear x{cfg['rope_factor']:g} to {cfg['context']} tokens, {cfg['steps']} steps of "
+            f"{cfg['batch_size']} x {cfg['context']} tokens, lr {cfg['lr']:g}, seed {cfg['seed']}, "
+            + (
+                "fp32 weights with bf16 autocast"
+                if cfg.get("master_weights") == "float32"
+                else "bf16 weights without an fp32 master copy"
+            )
+            + ", same data "
+            "order for every method. Evaluation: dense model (adapters on), "
+            f"{int(frame[frame.metric == 'perplexity'].documents.iloc[0])} held-out documents x "
+            f"{cfg['eval_tokens_per_doc']} tokens at every context; " + _scored_tokens(frame)
+        )
     prov = frame.iloc[0]
-    parts.append(f"Measured on {prov.get('gpu', '?')}, torch {prov.get('torch', '?')}, transformers "
-                 f"{prov.get('transformers', '?')}, commit `{str(prov.get('git_commit', '?'))[:10]}`.")
-    parts += ["**Perplexity** (relative to dense LoRA at the same context):", perplexity_table(frame),
-              "**Passkey retrieval** (exact answers; per-token accuracy in brackets):", passkey_table(frame),
-              "**Training**:", training_table(frame), "**The paper's reference deltas**:", paper_table()]
+    parts.append(
+        f"Measured on {prov.get('gpu', '?')}, torch {prov.get('torch', '?')}, transformers "
+        f"{prov.get('transformers', '?')}, commit `{str(prov.get('git_commit', '?'))[:10]}`."
+    )
+    parts += [
+        "**Perplexity** (relative to dense LoRA at the same context):",
+        perplexity_table(frame),
+        "**Passkey retrieval** (exact answers; per-token accuracy in brackets):",
+        passkey_table(frame),
+        "**Training**:",
+        training_table(frame),
+        "**The paper's reference deltas**:",
+        paper_table(),
+    ]
     if pred_dir is not None:
         parts.append(predictor_section(pred_dir))
     return "\n\n".join(p for p in parts if p)
@@ -180,8 +221,12 @@ def figures(frame: pd.DataFrame, runs: Path, out: Path) -> list[Path]:
     base = ppl[ppl.label == "lora"].set_index("context").value
     for label in _order(ppl.label):
         d = ppl[ppl.label == label].sort_values("context")
-        style = dict(marker="o", color=method_color(label), label=label,
-                     linestyle="--" if label.startswith("pretrained") else "-")
+        style = dict(
+            marker="o",
+            color=method_color(label),
+            label=label,
+            linestyle="--" if label.startswith("pretrained") else "-",
+        )
         ax.plot(d.context, d.value, **style)
         if not label.startswith("pretrained") and label != "lora" and len(base):
             rel.plot(d.context, 100 * (d.value.values / base.reindex(d.context).values - 1), **style)
@@ -262,7 +307,9 @@ def recall_figure(recall_csv: Path, out: Path) -> Path | None:
     return path
 
 
-def write_report(runs: Path, out: Path, figure_dir: Path, readme: Path | None = None, name: str = "small") -> list[Path]:
+def write_report(
+    runs: Path, out: Path, figure_dir: Path, readme: Path | None = None, name: str = "small"
+) -> list[Path]:
     frame = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "accuracy.csv", index=False)

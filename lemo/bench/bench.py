@@ -21,9 +21,9 @@ import torch
 
 from baselines.attention import attention_context, get_backend, set_model_backend, unavailable_reason
 
+from ..models.registry import build_model, get_spec, rope_scale_factor
 from .measure import saved_activation_bytes, time_steps, train_step
 from .methods import get_method
-from ..models.registry import build_model, get_spec, rope_scale_factor
 from .progress import progress
 from .provenance import provenance
 from .sweep import Job, Point, record_name
@@ -117,8 +117,9 @@ class JobRunner:
         self.dtype = DTYPES[first.dtype]
         self.provenance = provenance(self.device)
 
-    def record(self, p: Point, status: str, reason: str | None = None, metrics: dict | None = None,
-               extra: dict | None = None) -> dict:
+    def record(
+        self, p: Point, status: str, reason: str | None = None, metrics: dict | None = None, extra: dict | None = None
+    ) -> dict:
         backend = get_backend(p.attention)
         rec = {
             "point": p.as_dict(),
@@ -131,10 +132,15 @@ class JobRunner:
             **(extra or {}),
         }
         write_record(self.out_dir / record_name(p), rec)
-        self.log(f"[{self.job.id}] {p.method} ctx={p.context}: {status}"
-                 + (f" ({reason})" if reason else "")
-                 + (f" step={metrics['step_s']:.3f}s alloc={metrics.get('peak_allocated_gib')}GiB" if metrics and
-                    "step_s" in metrics else ""))
+        self.log(
+            f"[{self.job.id}] {p.method} ctx={p.context}: {status}"
+            + (f" ({reason})" if reason else "")
+            + (
+                f" step={metrics['step_s']:.3f}s alloc={metrics.get('peak_allocated_gib')}GiB"
+                if metrics and "step_s" in metrics
+                else ""
+            )
+        )
         return rec
 
     def finished(self, p: Point) -> dict | None:
@@ -143,8 +149,9 @@ class JobRunner:
             return None
         try:
             rec = json.loads((self.out_dir / record_name(p)).read_text())
-            same = (rec["point"] == json.loads(json.dumps(p.as_dict()))
-                    and all(rec["provenance"].get(k) == self.provenance.get(k) for k in RESUME_PROVENANCE))
+            same = rec["point"] == json.loads(json.dumps(p.as_dict())) and all(
+                rec["provenance"].get(k) == self.provenance.get(k) for k in RESUME_PROVENANCE
+            )
         except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: measure again
             return None
         return rec if same and rec.get("status") in RESUME_STATUSES else None
@@ -153,14 +160,20 @@ class JobRunner:
         job, first = self.job, self.job.points[0]
         spec = get_spec(job.model)
         head_dim = spec.fields["hidden_size"] // spec.fields["num_attention_heads"]
-        gqa = spec.fields.get("num_key_value_heads", spec.fields["num_attention_heads"]) != spec.fields["num_attention_heads"]
+        gqa = (
+            spec.fields.get("num_key_value_heads", spec.fields["num_attention_heads"])
+            != spec.fields["num_attention_heads"]
+        )
         no_cuda = self.device.type == "cuda" and not torch.cuda.is_available()
         problems = {}  # backend -> why it cannot run here (probed once)
         runnable = []
         for p in job.points:
             if p.attention not in problems:
-                problems[p.attention] = ("no CUDA device on this machine; run the cpu profile" if no_cuda else
-                                         unavailable_reason(p.attention, self.device, self.dtype, head_dim, gqa))
+                problems[p.attention] = (
+                    "no CUDA device on this machine; run the cpu profile"
+                    if no_cuda
+                    else unavailable_reason(p.attention, self.device, self.dtype, head_dim, gqa)
+                )
             if problems[p.attention]:
                 self.record(p, "skipped", problems[p.attention])
             elif not spec.uses_rope and p.context > spec.max_positions:
@@ -176,13 +189,20 @@ class JobRunner:
                 continue
             rec = self.finished(p)
             if rec is not None:
-                self.log(f"[{job.id}] {p.method} ctx={p.context}: {rec['status']} (kept: recorded by the run of "
-                         f"{rec['provenance'].get('timestamp')}, same commit and GPU)")
+                self.log(
+                    f"[{job.id}] {p.method} ctx={p.context}: {rec['status']} (kept: recorded by the run of "
+                    f"{rec['provenance'].get('timestamp')}, same commit and GPU)"
+                )
             else:
                 if model is None:
-                    model = build_model(job.model, context=max(p.context for p in runnable), device=self.device,
-                                        dtype=self.dtype, seed=first.seed,
-                                        attn_implementation=get_backend(runnable[0].attention).hf_implementation)
+                    model = build_model(
+                        job.model,
+                        context=max(p.context for p in runnable),
+                        device=self.device,
+                        dtype=self.dtype,
+                        seed=first.seed,
+                        attn_implementation=get_backend(runnable[0].attention).hf_implementation,
+                    )
                 set_model_backend(model, p.attention)
                 rec = self.measure(model, spec, p)
             if rec["status"] in ("oom", "error"):
@@ -199,8 +219,11 @@ class JobRunner:
             model = method.setup(base, p.options)
             # Base weights a method trains (LongLoRA: embeddings, norms) are restored after teardown, so
             # every method measures the same model (a CPU copy: it must not count in this point's memory).
-            touched = {n: t.detach().to("cpu", copy=True) for n, t in base.named_parameters()
-                       if t.requires_grad and "lora_" not in n}
+            touched = {
+                n: t.detach().to("cpu", copy=True)
+                for n, t in base.named_parameters()
+                if t.requires_grad and "lora_" not in n
+            }
             _set_checkpointing(model, p.gradient_checkpointing)
             model.train()
             gen = torch.Generator().manual_seed(p.seed)
@@ -211,9 +234,14 @@ class JobRunner:
             with attention_context(p.attention):
                 stats = time_steps(model, batch, optimizer, p.warmup, p.steps, offload=p.offload_activations)
                 metrics = {
-                    "step_s": stats.median_s, "step_s_min": min(stats.step_s), "step_s_max": max(stats.step_s),
-                    "steps_timed": len(stats.step_s), "tokens_per_s": stats.tokens_per_s, "loss": stats.loss,
-                    "peak_allocated_gib": _gib(stats.peak_allocated), "peak_reserved_gib": _gib(stats.peak_reserved),
+                    "step_s": stats.median_s,
+                    "step_s_min": min(stats.step_s),
+                    "step_s_max": max(stats.step_s),
+                    "steps_timed": len(stats.step_s),
+                    "tokens_per_s": stats.tokens_per_s,
+                    "loss": stats.loss,
+                    "peak_allocated_gib": _gib(stats.peak_allocated),
+                    "peak_reserved_gib": _gib(stats.peak_reserved),
                     "nvml_peak_used_gib": _gib(stats.nvml_peak_used),
                     "nvml_baseline_used_gib": _gib(stats.nvml_baseline_used),
                     "trainable_params": sum(t.numel() for t in trainable),
@@ -230,11 +258,20 @@ class JobRunner:
         except Exception as err:
             # error_type tells a device OOM (torch.OutOfMemoryError) from a failed pinned host allocation
             if is_oom(err):
-                return self.record(p, "oom", "out of memory", metrics=_peak_metrics(self.device),
-                                   extra={"rope_factor": factor, "error_type": type(err).__name__})
+                return self.record(
+                    p,
+                    "oom",
+                    "out of memory",
+                    metrics=_peak_metrics(self.device),
+                    extra={"rope_factor": factor, "error_type": type(err).__name__},
+                )
             log.error("[%s] %s ctx=%d failed", self.job.id, p.method, p.context, exc_info=True)
-            return self.record(p, "error", f"{type(err).__name__}: {str(err)[:300]}",
-                               extra={"rope_factor": factor, "error_type": type(err).__name__})
+            return self.record(
+                p,
+                "error",
+                f"{type(err).__name__}: {str(err)[:300]}",
+                extra={"rope_factor": factor, "error_type": type(err).__name__},
+            )
         finally:
             try:
                 if model is not None:
@@ -270,8 +307,10 @@ def _gib(x):
 def _peak_metrics(device) -> dict:
     if device.type != "cuda":
         return {}
-    return {"peak_allocated_gib": _gib(torch.cuda.max_memory_allocated(device)),
-            "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved(device))}
+    return {
+        "peak_allocated_gib": _gib(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved(device)),
+    }
 
 
 def _free(device) -> None:

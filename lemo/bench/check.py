@@ -56,11 +56,13 @@ class Check:
             raise ValueError(f"check {self.name!r}: method and baseline are both {self.method!r}")
 
     def covers(self, model: str, attention: str, gradient_checkpointing: bool, context: int) -> bool:
-        return ((self.model is None or model == self.model)
-                and (self.attention is None or attention == self.attention)
-                and (self.gradient_checkpointing is None or bool(gradient_checkpointing) == self.gradient_checkpointing)
-                and (self.min_context is None or context >= self.min_context)
-                and (self.max_context is None or context <= self.max_context))
+        return (
+            (self.model is None or model == self.model)
+            and (self.attention is None or attention == self.attention)
+            and (self.gradient_checkpointing is None or bool(gradient_checkpointing) == self.gradient_checkpointing)
+            and (self.min_context is None or context >= self.min_context)
+            and (self.max_context is None or context <= self.max_context)
+        )
 
 
 def load_thresholds(path) -> tuple[list[Check], Path | None]:
@@ -160,12 +162,16 @@ def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[
             raise ValueError(f"{c.name}: {STRONGEST} compares lower-is-better metrics (memory, time) only")
         found = w.loc[w.method == c.method, ["attention", *KEYS]].drop_duplicates()
         found = {tuple(r) for r in found.itertuples(index=False)}
-        found |= {(p.attention, p.model, p.attention, p.gradient_checkpointing, p.context, p.batch_size)
-                  for p in expected or [] if p.method == c.method}
+        found |= {
+            (p.attention, p.model, p.attention, p.gradient_checkpointing, p.context, p.batch_size)
+            for p in expected or []
+            if p.method == c.method
+        }
         points = sorted({tuple(r[1 + KEYS.index(k)] for k in keys) for r in found if c.covers(*r[1:5])})
         if not points:
-            failures.append(f"{c.name}: covers no point ({c.method} vs {c.baseline} on {c.metric}; "
-                            "check its method and filters)")
+            failures.append(
+                f"{c.name}: covers no point ({c.method} vs {c.baseline} on {c.metric}; check its method and filters)"
+            )
             print("FAIL " + failures[-1])
             continue
         for key in points:
@@ -177,13 +183,17 @@ def run_checks(frame: pd.DataFrame, checks: list[Check], expected=None) -> list[
                 m_status, m_value, m_text = _outcome(at[at.method == c.method], c.metric)
                 b_status, b_value, b_text = _outcome(at[at.method == c.baseline], c.metric)
             at_key = dict(zip(keys, key))
-            head = (f"{c.name}: {at_key['model']} {at_key.get('attention', 'best backend')} "
-                    f"gc={at_key['gradient_checkpointing']} ctx={at_key['context']} b={at_key['batch_size']}: ")
+            head = (
+                f"{c.name}: {at_key['model']} {at_key.get('attention', 'best backend')} "
+                f"gc={at_key['gradient_checkpointing']} ctx={at_key['context']} b={at_key['batch_size']}: "
+            )
             if m_status == "ok" and b_status == "ok":
                 ratio = m_value / b_value if c.higher_is_better else b_value / m_value
                 ok = (c.min is None or ratio >= c.min) and (c.max is None or ratio <= c.max)
-                line = (head + f"{c.metric} {c.baseline} {b_value:.4g} / {c.method} {m_value:.4g} = ratio "
-                        f"{ratio:.3f}, bounds [{c.min}, {c.max}]")
+                line = (
+                    head + f"{c.metric} {c.baseline} {b_value:.4g} / {c.method} {m_value:.4g} = ratio "
+                    f"{ratio:.3f}, bounds [{c.min}, {c.max}]"
+                )
                 verdict = "ok   " if ok else "FAIL "
             elif m_status == "ok" and b_status == "oom":
                 ok, verdict = True, "WIN  "

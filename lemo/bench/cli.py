@@ -60,8 +60,10 @@ def _check(args) -> int:
     checks, sweep = load_thresholds(args.thresholds)
     sweep = Path(args.sweep) if args.sweep else sweep
     if sweep is None:
-        raise ValueError(f"{args.thresholds}: name the sweep it checks (`sweep: ../sweeps/NAME.yaml`, relative to "
-                         "the file) or pass --sweep, so that points missing from the CSV are noticed")
+        raise ValueError(
+            f"{args.thresholds}: name the sweep it checks (`sweep: ../sweeps/NAME.yaml`, relative to "
+            "the file) or pass --sweep, so that points missing from the CSV are noticed"
+        )
     failures = run_checks(read_results(args.csv), checks, expand(load_sweep(sweep)))
     if failures:
         print(f"{len(failures)} failure(s) against {args.thresholds} (sweep {sweep}):", file=sys.stderr)
@@ -78,8 +80,14 @@ def _report(args) -> int:
     from .report import summary
 
     ref = Path(args.reference_dir) if args.reference_dir else None
-    return _publish(args, summary(pd.read_csv(args.csv), paper_csv=ref / "jenga_ae_a800.csv" if ref else None,
-                                  probe_csv=ref / "h200_lora_baseline.csv" if ref else None))
+    return _publish(
+        args,
+        summary(
+            pd.read_csv(args.csv),
+            paper_csv=ref / "jenga_ae_a800.csv" if ref else None,
+            probe_csv=ref / "h200_lora_baseline.csv" if ref else None,
+        ),
+    )
 
 
 def _publish(args, text: str) -> int:
@@ -183,18 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lemo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lemo {__version__}")
     chatter = parser.add_mutually_exclusive_group()
-    chatter.add_argument("--verbose", "-v", dest="log_level", action="store_const", const=logging.DEBUG,
-                         default=logging.INFO, help="log debug messages too (default: info and above)")
-    chatter.add_argument("--quiet", "-q", dest="log_level", action="store_const", const=logging.WARNING,
-                         help="log warnings and errors only, and draw no progress bars")
+    chatter.add_argument(
+        "--verbose",
+        "-v",
+        dest="log_level",
+        action="store_const",
+        const=logging.DEBUG,
+        default=logging.INFO,
+        help="log debug messages too (default: info and above)",
+    )
+    chatter.add_argument(
+        "--quiet",
+        "-q",
+        dest="log_level",
+        action="store_const",
+        const=logging.WARNING,
+        help="log warnings and errors only, and draw no progress bars",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("measure", help="run one sweep job and write one JSON record per point")
     p.add_argument("--sweep", required=True, help="sweep YAML (workflows/sweeps/*.yaml)")
     p.add_argument("--job", required=True, help="MODEL__ATTENTION__gc0|gc1 (see `lemo jobs`)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method labels of the job")
     p.add_argument("--out", required=True, help="directory for the records")
-    p.add_argument("--fresh", action="store_true",
-                   help="measure every point again (default: keep the ok/OOM records this commit wrote on this GPU)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure every point again (default: keep the ok/OOM records this commit wrote on this GPU)",
+    )
     p.set_defaults(func=_measure)
     p = sub.add_parser("jobs", help="list the jobs of a sweep")
     p.add_argument("--sweep", required=True, help="sweep YAML whose jobs to list (id and number of points)")
@@ -210,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_figures)
     p = sub.add_parser("check", help="fail when a ratio leaves its committed bound")
     p.add_argument("csv", help="sweep CSV written by `lemo aggregate`")
-    p.add_argument("--thresholds", required=True, help="thresholds YAML: the checks (metric, method, bounds) and their sweep")
-    p.add_argument("--sweep", default=None, help="the sweep the CSV comes from (default: the thresholds file's `sweep`)")
+    p.add_argument(
+        "--thresholds", required=True, help="thresholds YAML: the checks (metric, method, bounds) and their sweep"
+    )
+    p.add_argument(
+        "--sweep", default=None, help="the sweep the CSV comes from (default: the thresholds file's `sweep`)"
+    )
     p.set_defaults(func=_check)
     p = sub.add_parser("report", help="markdown tables from a CSV (optionally into a README block)")
     p.add_argument("csv", help="sweep CSV written by `lemo aggregate`")
@@ -233,9 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="targets", help="NAME of the README block (default: targets)")
     p.set_defaults(func=_targets)
-    p = sub.add_parser("max-context", help="longest context one training step fits, per method and memory cap "
-                                           "(doubling, then bisection; lemo.bench.maxctx)")
-    p.add_argument("--sweep", required=True, help="a sweep with a max_context section (workflows/sweeps/h200-maxctx.yaml)")
+    p = sub.add_parser(
+        "max-context",
+        help="longest context one training step fits, per method and memory cap "
+        "(doubling, then bisection; lemo.bench.maxctx)",
+    )
+    p.add_argument(
+        "--sweep", required=True, help="a sweep with a max_context section (workflows/sweeps/h200-maxctx.yaml)"
+    )
     p.add_argument("--search", default=None, help="MODEL__ATTENTION__gcN__METHOD__CAP; without it, list the searches")
     p.add_argument("--out", default=None, help="directory for the probe records and result.json (resumes from it)")
     p.set_defaults(func=_max_context)
@@ -247,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=None, help="README to update between <!-- results:NAME --> markers")
     p.add_argument("--name", default="max-context", help="NAME of the README block (default: max-context)")
     p.set_defaults(func=_max_context_report)
-    p = sub.add_parser("headline", help="the headline figure from committed results: LeMo's memory and step-time "
-                                        "ratios vs the strongest LoRA-family baseline by context, and the quality-memory "
-                                        "frontier (lemo.bench.headline)")
+    p = sub.add_parser(
+        "headline",
+        help="the headline figure from committed results: LeMo's memory and step-time "
+        "ratios vs the strongest LoRA-family baseline by context, and the quality-memory "
+        "frontier (lemo.bench.headline)",
+    )
     p.add_argument("--results", default="results", help="the results folder (sweeps, accuracy/smollm2, reference)")
     p.add_argument("--out", default="figures/headline.png", help="PNG to write")
     p.set_defaults(func=_headline)
@@ -266,24 +302,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="corpus directory (lemo.accuracy.corpus); not needed with --steps 0")
     p.add_argument("--out", required=True, help="directory for predictors.safetensors + predictors.json")
     p.add_argument("--context", type=int, default=4096, help="tokens per training window (default: 4096)")
-    p.add_argument("--rope-factor", type=float, default=1.0,
-                   help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
+    p.add_argument(
+        "--rope-factor",
+        type=float,
+        default=1.0,
+        help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)",
+    )
     p.add_argument("--steps", type=int, default=200, help="0 writes an untrained set (cost benchmarks)")
     p.add_argument("--batch", type=int, default=1, help="windows per step (default: 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    p.add_argument("--loss", choices=["smooth_l1", "mse"], default="smooth_l1",
-                   help="loss between predicted and oracle block maps (default: smooth_l1)")
+    p.add_argument(
+        "--loss",
+        choices=["smooth_l1", "mse"],
+        default="smooth_l1",
+        help="loss between predicted and oracle block maps (default: smooth_l1)",
+    )
     p.add_argument("--widths", default="128,64", help="the two ReLU layer widths of each path")
     p.add_argument("--per-head", action="store_true", help="separate weights per head (default: shared)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block (default: 64)")
     p.add_argument("--sparse-layers", default=None, help="comma-separated; default: LeMoConfig's schedule")
     p.add_argument("--prune-every", type=int, default=50, help="elastic pruning period in steps (0: off)")
-    p.add_argument("--prune-fraction", type=float, default=0.1, help="share of each layer's width pruned per period (default: 0.1)")
+    p.add_argument(
+        "--prune-fraction", type=float, default=0.1, help="share of each layer's width pruned per period (default: 0.1)"
+    )
     p.add_argument("--min-width", type=int, default=16, help="pruning never narrows a layer below this (default: 16)")
     p.add_argument("--split", default="train", help="corpus split the windows come from (default: train)")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="oracle block-score implementation (default: auto, Triton where it runs)")
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "triton", "torch"],
+        default="auto",
+        help="oracle block-score implementation (default: auto, Triton where it runs)",
+    )
     p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the predictor weights and of the windows (default: 0)")
     p.add_argument("--verbose", action="store_true", help="log the loss of every step and each pruning")
@@ -294,24 +344,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus directory (lemo.accuracy.corpus)")
     p.add_argument("--out", required=True, help="CSV of recall rows")
     p.add_argument("--context", type=int, default=4096, help="tokens per evaluation window (default: 4096)")
-    p.add_argument("--rope-factor", type=float, default=1.0,
-                   help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)")
+    p.add_argument(
+        "--rope-factor",
+        type=float,
+        default=1.0,
+        help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)",
+    )
     p.add_argument("--batches", type=int, default=8, help="batches of windows evaluated (default: 8)")
     p.add_argument("--batch", type=int, default=1, help="windows per batch (default: 1)")
-    p.add_argument("--keep-ratio", type=float, default=0.4,
-                   help="share of blocks kept: the oracle's top-k the recall is measured against (default: 0.4)")
-    p.add_argument("--tune-thresholds", action="store_true",
-                   help="also tune per-layer score thresholds (on other windows) and report their recall")
-    p.add_argument("--target-recall", type=float, default=0.9, help="recall the tuned thresholds aim for (default: 0.9)")
-    p.add_argument("--metric", choices=["blocks", "mass"], default="blocks",
-                   help="what the tuned recall counts: oracle top-k blocks or their attention mass (default: blocks)")
+    p.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=0.4,
+        help="share of blocks kept: the oracle's top-k the recall is measured against (default: 0.4)",
+    )
+    p.add_argument(
+        "--tune-thresholds",
+        action="store_true",
+        help="also tune per-layer score thresholds (on other windows) and report their recall",
+    )
+    p.add_argument(
+        "--target-recall", type=float, default=0.9, help="recall the tuned thresholds aim for (default: 0.9)"
+    )
+    p.add_argument(
+        "--metric",
+        choices=["blocks", "mass"],
+        default="blocks",
+        help="what the tuned recall counts: oracle top-k blocks or their attention mass (default: blocks)",
+    )
     p.add_argument("--thresholds-out", default=None, help="JSON (default: OUT with .thresholds.json)")
     p.add_argument("--split", default="heldout", help="corpus split the windows come from (default: heldout)")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="oracle block-score implementation (default: auto, Triton where it runs)")
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "triton", "torch"],
+        default="auto",
+        help="oracle block-score implementation (default: auto, Triton where it runs)",
+    )
     p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="windows: SEED+1 evaluated, SEED+2 for tuning; registry model weights (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="windows: SEED+1 evaluated, SEED+2 for tuning; registry model weights (default: 0)",
+    )
     p.set_defaults(func=_eval_predictors)
     return parser
 

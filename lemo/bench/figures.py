@@ -19,31 +19,66 @@ import pandas as pd  # noqa: E402
 
 from .results import memory_metric, wide  # noqa: E402
 
-REFERENCE_MODELS = {"llama2": "llama2-7b", "llama3": "llama3-8b", "opt-350m": "opt-350m", "opt-1.3b": "opt-1.3b",
-                    "opt-2.7b": "opt-2.7b", "opt-6.7b": "opt-6.7b"}
+REFERENCE_MODELS = {
+    "llama2": "llama2-7b",
+    "llama3": "llama3-8b",
+    "opt-350m": "opt-350m",
+    "opt-1.3b": "opt-1.3b",
+    "opt-2.7b": "opt-2.7b",
+    "opt-6.7b": "opt-6.7b",
+}
 # The artifact's LeMo ("jenga") prunes MLP channels in backward: drawn in lemo-channel's colour.
 REFERENCE_METHODS = {"lora": "lora", "longlora": "longlora", "jenga": "lemo-channel"}
 # One colour per method in every figure: baselines fixed, other labels a stable pick from the palette.
 METHOD_COLORS = {
     # baselines
-    "lora": "#1f77b4", "lora-liger": "#17becf", "lora-fp32": "#aec7e8", "longlora": "#2ca02c",
-    "pretrained": "#7f7f7f", "pretrained+PI": "#bcbd22",
+    "lora": "#1f77b4",
+    "lora-liger": "#17becf",
+    "lora-fp32": "#aec7e8",
+    "longlora": "#2ca02c",
+    "pretrained": "#7f7f7f",
+    "pretrained+PI": "#bcbd22",
     # the default LeMo variant, and the paper's schedule (lemo-paper = lemo-channel with kernels)
-    "lemo-shared-kept-deep40": "#000000", "lemo-paper": "#d62728", "lemo-channel": "#d62728",
-    "lemo-paper-attn": "#ff9896", "lemo-paper-token": "#9467bd", "lemo-token": "#9467bd",
-    "lemo-channel-kernels": "#e6550d", "lemo-channel-kernels-dense": "#fdae6b",
-    "lemo-channel-kernels-liger": "#a55194", "lemo-channel-kernels-ligerdense": "#ce6dbd",
-    "lemo-channel-kernels-norecompute": "#843c39", "lemo-channel-deep-liger": "#637939",
-    "lemo-channel-all": "#8c6d31", "lemo-channel-all-liger": "#bd9e39", "lemo-channel-all-offload": "#e7ba52",
-    "lemo-channel-hfnorm": "#ad494a", "lemo-channel-noseg": "#7b4173", "lemo-channel-predictor": "#b5cf6b",
-    "lemo-shared-kept": "#8c564b", "lemo-shared-kept-deep50": "#c49c94", "lemo-shared-kept-deep40-liger": "#525252",
-    "lemo-frozen": "#ff7f0e", "lemo-frozen-deep40": "#e377c2", "lemo-frozen-deep": "#7f3b08",
-    "lemo-frozen-channel": "#393b79", "lemo-frozen-channel-sparse": "#5254a3", "lemo-frozen-channel50": "#6b6ecf",
-    "lemo-frozen-keep60": "#f7b6d2", "lemo-frozen-late": "#c7c7c7", "lemo-frozen-local": "#98df8a",
-    "lemo-frozen-shared": "#dbdb8d", "lemo-frozen-torch": "#9edae5",
+    "lemo-shared-kept-deep40": "#000000",
+    "lemo-paper": "#d62728",
+    "lemo-channel": "#d62728",
+    "lemo-paper-attn": "#ff9896",
+    "lemo-paper-token": "#9467bd",
+    "lemo-token": "#9467bd",
+    "lemo-channel-kernels": "#e6550d",
+    "lemo-channel-kernels-dense": "#fdae6b",
+    "lemo-channel-kernels-liger": "#a55194",
+    "lemo-channel-kernels-ligerdense": "#ce6dbd",
+    "lemo-channel-kernels-norecompute": "#843c39",
+    "lemo-channel-deep-liger": "#637939",
+    "lemo-channel-all": "#8c6d31",
+    "lemo-channel-all-liger": "#bd9e39",
+    "lemo-channel-all-offload": "#e7ba52",
+    "lemo-channel-hfnorm": "#ad494a",
+    "lemo-channel-noseg": "#7b4173",
+    "lemo-channel-predictor": "#b5cf6b",
+    "lemo-shared-kept": "#8c564b",
+    "lemo-shared-kept-deep50": "#c49c94",
+    "lemo-shared-kept-deep40-liger": "#525252",
+    "lemo-frozen": "#ff7f0e",
+    "lemo-frozen-deep40": "#e377c2",
+    "lemo-frozen-deep": "#7f3b08",
+    "lemo-frozen-channel": "#393b79",
+    "lemo-frozen-channel-sparse": "#5254a3",
+    "lemo-frozen-channel50": "#6b6ecf",
+    "lemo-frozen-keep60": "#f7b6d2",
+    "lemo-frozen-late": "#c7c7c7",
+    "lemo-frozen-local": "#98df8a",
+    "lemo-frozen-shared": "#dbdb8d",
+    "lemo-frozen-torch": "#9edae5",
     # the small accuracy experiment
-    "lemo-predictor": "#fd8d3c", "lemo-token-keep100": "#9c9ede", "lemo-token-keep60": "#8ca252",
-    "lemo-token-keep80": "#de9ed6", "lemo-token-last2": "#74c476", "lemo-token-sink": "#e7cb94"}
+    "lemo-predictor": "#fd8d3c",
+    "lemo-token-keep100": "#9c9ede",
+    "lemo-token-keep60": "#8ca252",
+    "lemo-token-keep80": "#de9ed6",
+    "lemo-token-last2": "#74c476",
+    "lemo-token-sink": "#e7cb94",
+}
 _PALETTE = ["#637939", "#8c6d31", "#843c39", "#7b4173", "#e6550d", "#31a354", "#756bb1", "#636363"]
 
 
@@ -56,12 +91,14 @@ def method_color(label: str) -> str:
 
 
 # One line style and marker per attention backend in every figure (hatch: bar figures).
-BACKEND_STYLES = {"sdpa-flash": {"linestyle": "-", "marker": "o", "hatch": ""},
-                  "sdpa-cudnn": {"linestyle": "--", "marker": "s", "hatch": "//"},
-                  "sdpa-efficient": {"linestyle": "-.", "marker": "^", "hatch": "\\\\"},
-                  "sdpa-math": {"linestyle": ":", "marker": "v", "hatch": ".."},
-                  "eager": {"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "P", "hatch": "xx"},
-                  "flash-attn": {"linestyle": (0, (1, 3)), "marker": "D", "hatch": "--"}}
+BACKEND_STYLES = {
+    "sdpa-flash": {"linestyle": "-", "marker": "o", "hatch": ""},
+    "sdpa-cudnn": {"linestyle": "--", "marker": "s", "hatch": "//"},
+    "sdpa-efficient": {"linestyle": "-.", "marker": "^", "hatch": "\\\\"},
+    "sdpa-math": {"linestyle": ":", "marker": "v", "hatch": ".."},
+    "eager": {"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "P", "hatch": "xx"},
+    "flash-attn": {"linestyle": (0, (1, 3)), "marker": "D", "hatch": "--"},
+}
 FALLBACK_BACKEND_STYLE = {"linestyle": (0, (8, 2)), "marker": "X", "hatch": "++"}
 PAPER_LABEL = "paper (A800 artifact)"
 
@@ -122,21 +159,32 @@ def plot_model(frame: pd.DataFrame, model: str, out: Path, reference: pd.DataFra
                     ax.plot(ok.context, ok[metric], ms=5, color=method_color(m), label=f"{m} / {b}", **line_style(b))
                 oom = pts[pts.status == "oom"]
                 if len(oom):
-                    ax.plot(oom.context, [1.0] * len(oom), "x", ms=9, mew=2, color=method_color(m),
-                            transform=ax.get_xaxis_transform(), clip_on=False, label=f"{m} / {b}: OOM")
+                    ax.plot(
+                        oom.context,
+                        [1.0] * len(oom),
+                        "x",
+                        ms=9,
+                        mew=2,
+                        color=method_color(m),
+                        transform=ax.get_xaxis_transform(),
+                        clip_on=False,
+                        label=f"{m} / {b}: OOM",
+                    )
         _reference_markers(ax, reference, model, gc, metric, set(sub.context))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.set_title(metric_title(label, gc), fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.remove()
     labels = _figure_legend(fig, [ax for ax in fig.axes])
     gpu = frame.gpu.dropna().unique()
-    fig.suptitle(f"{model} on {', '.join(map(str, gpu)) or '?'}{title_extra}\n"
-                 "colour: method; line style and marker: attention backend; x on the top edge: out of memory",
-                 fontsize=10)
+    fig.suptitle(
+        f"{model} on {', '.join(map(str, gpu)) or '?'}{title_extra}\n"
+        "colour: method; line style and marker: attention backend; x on the top edge: out of memory",
+        fontsize=10,
+    )
     legend_in = 0.2 * (-(-labels // 3)) + 0.25  # the legend's height (inches) below the panels
     height = 3.4 * nrows + 0.8 + legend_in
     fig.set_size_inches(max(9.0, 5.5 * ncols + 0.8), height)
@@ -181,8 +229,18 @@ def _reference_markers(ax, reference, model, gc, metric, contexts=None):
         ref = ref[ref.context.isin(contexts)]
     for method, pts in ref.groupby("method"):
         name = {"lemo-channel": "LeMo (jenga)"}.get(method, method)
-        ax.plot(pts.context, pts.y, "D", mfc="none", mew=1.5, ms=8, linestyle="none", color=method_color(method),
-                label=f"{name}: {PAPER_LABEL}")
+        ax.plot(
+            pts.context,
+            pts.y,
+            "D",
+            mfc="none",
+            mew=1.5,
+            ms=8,
+            linestyle="none",
+            color=method_color(method),
+            label=f"{name}: {PAPER_LABEL}",
+        )
+
 
 def plot_all(csv: Path, out_dir: Path, reference: Path | None = None) -> list[Path]:
     frame = pd.read_csv(csv)

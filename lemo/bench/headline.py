@@ -42,7 +42,9 @@ def headline_ratios(results: Path, sweeps=SWEEPS, labels=(DEFAULT_LABEL, *PAPER_
             if len(r):
                 rows.append(r.assign(sweep=sweep, metric=metric))
     if not rows:
-        return pd.DataFrame(columns=["sweep", "metric", "method", "model", "gradient_checkpointing", "context", "ratio"])
+        return pd.DataFrame(
+            columns=["sweep", "metric", "method", "model", "gradient_checkpointing", "context", "ratio"]
+        )
     r = pd.concat(rows, ignore_index=True)
     keys = ["sweep", "metric", "method", "model", "gradient_checkpointing", "context"]
     return r.groupby(keys, as_index=False).ratio.max()
@@ -58,29 +60,49 @@ def headline(results: Path, out: Path) -> Path:
         r = ratios[ratios.metric == metric]
         for (method, model, gc, sweep), g in r.groupby(["method", "model", "gradient_checkpointing", "sweep"]):
             g = g.sort_values("context")
-            ax.plot(g.context, g.ratio, linestyle=(":" if gc else "-") if len(g) > 1 else "none",
-                    marker=MODEL_MARKERS.get(model, "^"), color=method_color(method), ms=6,
-                    label=f"{method}, {model}, {'recompute' if gc else 'no recompute'} ({sweep})")
+            ax.plot(
+                g.context,
+                g.ratio,
+                linestyle=(":" if gc else "-") if len(g) > 1 else "none",
+                marker=MODEL_MARKERS.get(model, "^"),
+                color=method_color(method),
+                ms=6,
+                label=f"{method}, {model}, {'recompute' if gc else 'no recompute'} ({sweep})",
+            )
         ax.axhline(1.0, color="0.3", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(f"{name}: strongest LoRA-family / LeMo (x)")
-        ax.set_title(f"(a) {name} ratio vs strongest of lora, lora-liger\n(same run, any backend; >1: LeMo better)",
-                     fontsize=10)
+        ax.set_title(
+            f"(a) {name} ratio vs strongest of lora, lora-liger\n(same run, any backend; >1: LeMo better)", fontsize=10
+        )
         ax.grid(alpha=0.3)
         if r.empty:
             ax.text(0.5, 0.5, "no sweep results", ha="center", va="center", transform=ax.transAxes, color="0.5")
     handles, labels = axes[0].get_legend_handles_labels()
     if labels:
-        fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.02, 0.0), ncol=2, fontsize=7, frameon=False,
-                   title="colour: LeMo variant; marker: model (o llama2-7b, s llama3-8b); dotted: recomputation; "
-                         "H200 sweep in brackets", title_fontsize=7)
+        fig.legend(
+            handles,
+            labels,
+            loc="lower left",
+            bbox_to_anchor=(0.02, 0.0),
+            ncol=2,
+            fontsize=7,
+            frameon=False,
+            title="colour: LeMo variant; marker: model (o llama2-7b, s llama3-8b); dotted: recomputation; "
+            "H200 sweep in brackets",
+            title_fontsize=7,
+        )
     front_csv = results / "accuracy" / "smollm2" / "frontier.csv"
     if front_csv.exists():
         ref = results / "reference" / "jenga_ae_a800.csv"
-        draw_frontier(axes[2], pd.read_csv(front_csv), paper_points(ref) if ref.exists() else [],
-                      title="(b) quality-memory frontier: perplexity vs LoRA at 32K (%)\n"
-                            "SmolLM2-135M after 4x extension; hollow stars: the paper")
+        draw_frontier(
+            axes[2],
+            pd.read_csv(front_csv),
+            paper_points(ref) if ref.exists() else [],
+            title="(b) quality-memory frontier: perplexity vs LoRA at 32K (%)\n"
+            "SmolLM2-135M after 4x extension; hollow stars: the paper",
+        )
     else:
         axes[2].remove()
     fig.suptitle("LeMo against dense LoRA: memory, speed and quality (committed results only)", fontsize=12)

@@ -30,14 +30,36 @@ class Spec:
 
 
 SPECS = {
-    "block_scores": Spec("Block scores (oracle scoring)", ["impl"], ("torch",), "triton", ("hq", "hkv"),
-                         rates=(("tflops", "matmul_bf16"),)),
-    "movement": Spec("Token movement of one sparse layer (forward + backward)", ["impl"], ("naive", "torch"),
-                     "triton", memory="peak_extra_mib", rates=(("gbps", "copy_d2d"),)),
-    "cross_entropy": Spec("LM head + cross-entropy (forward + backward)", ["impl"], ("plain", "torch", "liger"),
-                          "triton", rates=(("matmul_tflops", "matmul_bf16"), ("ce_kernel_gbps", "copy_d2d"))),
-    "predictors": Spec("Block selection scores, 16 sparse layers", ["scorer", "widths"], ("oracle",),
-                       "predictor 128,64", memory="peak_extra_mib"),
+    "block_scores": Spec(
+        "Block scores (oracle scoring)",
+        ["impl"],
+        ("torch",),
+        "triton",
+        ("hq", "hkv"),
+        rates=(("tflops", "matmul_bf16"),),
+    ),
+    "movement": Spec(
+        "Token movement of one sparse layer (forward + backward)",
+        ["impl"],
+        ("naive", "torch"),
+        "triton",
+        memory="peak_extra_mib",
+        rates=(("gbps", "copy_d2d"),),
+    ),
+    "cross_entropy": Spec(
+        "LM head + cross-entropy (forward + backward)",
+        ["impl"],
+        ("plain", "torch", "liger"),
+        "triton",
+        rates=(("matmul_tflops", "matmul_bf16"), ("ce_kernel_gbps", "copy_d2d")),
+    ),
+    "predictors": Spec(
+        "Block selection scores, 16 sparse layers",
+        ["scorer", "widths"],
+        ("oracle",),
+        "predictor 128,64",
+        memory="peak_extra_mib",
+    ),
 }
 
 
@@ -47,8 +69,11 @@ def _load(path: Path, spec: Spec) -> pd.DataFrame:
         d = d[d.status.fillna("ok") == "ok"]
     d = d.copy()
     d["impl_name"] = d[spec.impl].fillna("").astype(str).agg(lambda r: " ".join(v for v in r if v), axis=1)
-    d["variant"] = d[list(spec.split)].astype(str).apply(lambda r: " ".join(f"{c}={v}" for c, v in r.items()), axis=1) \
-        if spec.split else ""
+    d["variant"] = (
+        d[list(spec.split)].astype(str).apply(lambda r: " ".join(f"{c}={v}" for c, v in r.items()), axis=1)
+        if spec.split
+        else ""
+    )
     return d
 
 
@@ -89,8 +114,14 @@ def kernel_table(d: pd.DataFrame, spec: Spec, ceilings: dict) -> str:
 
 
 # One colour per implementation in every kernel figure (liger in lora-liger's colour); others: method_color.
-IMPL_COLORS = {"triton": "#d62728", "torch": "#1f77b4", "naive": "#7f7f7f", "plain": "#7f7f7f", "liger": "#17becf",
-               "oracle": "#1f77b4"}
+IMPL_COLORS = {
+    "triton": "#d62728",
+    "torch": "#1f77b4",
+    "naive": "#7f7f7f",
+    "plain": "#7f7f7f",
+    "liger": "#17becf",
+    "oracle": "#1f77b4",
+}
 
 
 def impl_color(impl: str) -> str:
@@ -111,8 +142,14 @@ def kernel_figure(d: pd.DataFrame, spec: Spec, name: str, out: Path, ceilings: d
     variants = list(dict.fromkeys(d.variant))
     for (impl, variant), g in d.groupby(["impl_name", "variant"]):
         g = g.sort_values("context")
-        ax.plot(g.context, g.ms, marker=markers[variants.index(variant) % len(markers)], color=impl_color(impl),
-                label=f"{impl} {variant}".strip(), linestyle="-" if impl == spec.fast else "--")
+        ax.plot(
+            g.context,
+            g.ms,
+            marker=markers[variants.index(variant) % len(markers)],
+            color=impl_color(impl),
+            label=f"{impl} {variant}".strip(),
+            linestyle="-" if impl == spec.fast else "--",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens")
@@ -124,13 +161,26 @@ def kernel_figure(d: pd.DataFrame, spec: Spec, name: str, out: Path, ceilings: d
         fast = d[d.impl_name == spec.fast]
         for variant, g in fast.groupby("variant"):
             g = g.sort_values("context")
-            rax.plot(g.context, g[rate], marker=markers[variants.index(variant) % len(markers)],
-                     color=impl_color(spec.fast), label=f"{spec.fast} {variant}".strip())
+            rax.plot(
+                g.context,
+                g[rate],
+                marker=markers[variants.index(variant) % len(markers)],
+                color=impl_color(spec.fast),
+                label=f"{spec.fast} {variant}".strip(),
+            )
         cap, unit = ceilings.get(ceiling, (None, ""))
         if cap:
             rax.axhline(cap, color="0.3", ls="--", lw=1)
-            rax.annotate(f"measured ceiling: {ceiling} {cap:.0f} {unit}", (0.02, cap), xycoords=("axes fraction", "data"),
-                         xytext=(0, -3), textcoords="offset points", va="top", fontsize=7, color="0.3")
+            rax.annotate(
+                f"measured ceiling: {ceiling} {cap:.0f} {unit}",
+                (0.02, cap),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, -3),
+                textcoords="offset points",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
             rax.set_ylim(0, max(cap, fast[rate].max()) * 1.08)
         rax.set_xscale("log", base=2)
         rax.set_xlabel("tokens")
@@ -153,8 +203,11 @@ def kernel_report(paths: list[Path], out: Path, figures: Path) -> list[Path]:
     parts, written = [], []
     if ceilings:
         first = pd.read_csv(next(p for p in paths if p.stem == "ceilings")).iloc[0]
-        parts.append(f"Measured ceilings on {first.gpu}: " + ", ".join(f"{k} {v:.0f} {u}" for k, (v, u) in ceilings.items())
-                     + f" (commit `{str(first.git_commit)[:10]}`).")
+        parts.append(
+            f"Measured ceilings on {first.gpu}: "
+            + ", ".join(f"{k} {v:.0f} {u}" for k, (v, u) in ceilings.items())
+            + f" (commit `{str(first.git_commit)[:10]}`)."
+        )
     for p in paths:
         if p.stem not in SPECS:
             continue

@@ -57,12 +57,15 @@ def _round_down(x: int, granularity: int) -> int:
     return x // granularity * granularity
 
 
-def search_max_context(probe: Callable[[int], Probe], start: int, limit: int, granularity: int = 8192,
-                       time_bound_s: float = 300.0) -> SearchResult:
+def search_max_context(
+    probe: Callable[[int], Probe], start: int, limit: int, granularity: int = 8192, time_bound_s: float = 300.0
+) -> SearchResult:
     """Doubling from `start` (capped at `limit`), then bisection at `granularity`; see the module docstring."""
     if start <= 0 or start % granularity or limit < start:
-        raise ValueError(f"need 0 < start <= limit and start a multiple of granularity; got start={start}, "
-                         f"limit={limit}, granularity={granularity}")
+        raise ValueError(
+            f"need 0 < start <= limit and start a multiple of granularity; got start={start}, "
+            f"limit={limit}, granularity={granularity}"
+        )
     probes: list[Probe] = []
     best: Probe | None = None
 
@@ -162,8 +165,8 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
 
     from baselines.attention import get_backend, unavailable_reason
 
-    from .bench import JobRunner, write_record
     from ..models.registry import build_model, get_spec
+    from .bench import JobRunner, write_record
     from .sweep import Job, record_name
 
     s, settings = find_search(sweep, search_id), search_settings(sweep)
@@ -171,7 +174,9 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
     runner = JobRunner(Job(s.point.model, s.point.attention, s.point.gradient_checkpointing, [s.point]), out_dir, log)
     spec = get_spec(s.point.model)
     head_dim = spec.fields["hidden_size"] // spec.fields["num_attention_heads"]
-    gqa = spec.fields.get("num_key_value_heads", spec.fields["num_attention_heads"]) != spec.fields["num_attention_heads"]
+    gqa = (
+        spec.fields.get("num_key_value_heads", spec.fields["num_attention_heads"]) != spec.fields["num_attention_heads"]
+    )
     problem = unavailable_reason(s.point.attention, runner.device, runner.dtype, head_dim, gqa)
     if problem:
         raise RuntimeError(f"{s.point.attention}: {problem}")
@@ -180,8 +185,14 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
         total = torch.cuda.get_device_properties(runner.device).total_memory
         if s.cap_gib is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, s.cap_gib * 2**30 / total), runner.device)
-    model = build_model(s.point.model, context=settings["limit"], device=runner.device, dtype=runner.dtype,
-                        attn_implementation=get_backend(s.point.attention).hf_implementation, seed=s.point.seed)
+    model = build_model(
+        s.point.model,
+        context=settings["limit"],
+        device=runner.device,
+        dtype=runner.dtype,
+        attn_implementation=get_backend(s.point.attention).hf_implementation,
+        seed=s.point.seed,
+    )
     from baselines.attention import set_model_backend
 
     set_model_backend(model, s.point.attention)
@@ -194,16 +205,28 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
         write_record(path, {"point": p.as_dict(), "status": "started", "metrics": {}, "provenance": runner.provenance})
         return _probe_from_record(runner.measure(model, spec, p), p.offload_activations)
 
-    result = search_max_context(probe, settings["start"], settings["limit"], settings["granularity"],
-                                settings["time_bound_s"])
+    result = search_max_context(
+        probe, settings["start"], settings["limit"], settings["granularity"], settings["time_bound_s"]
+    )
     best = result.best
-    out = {"search": s.id, "model": s.point.model, "method": s.point.method, "method_name": s.point.method_name,
-           "attention": s.point.attention,
-           "gradient_checkpointing": s.point.gradient_checkpointing, "cap_gib": s.cap_gib,
-           "device_total_gib": None if total is None else total / 2**30, "max_context": result.max_context,
-           "bound": result.bound, "step_s": best.step_s if best else None, "peak_gib": best.peak_gib if best else None,
-           "probes": [dataclasses.asdict(p) for p in result.probes], "settings": settings,
-           "options": s.point.options, "provenance": runner.provenance}
+    out = {
+        "search": s.id,
+        "model": s.point.model,
+        "method": s.point.method,
+        "method_name": s.point.method_name,
+        "attention": s.point.attention,
+        "gradient_checkpointing": s.point.gradient_checkpointing,
+        "cap_gib": s.cap_gib,
+        "device_total_gib": None if total is None else total / 2**30,
+        "max_context": result.max_context,
+        "bound": result.bound,
+        "step_s": best.step_s if best else None,
+        "peak_gib": best.peak_gib if best else None,
+        "probes": [dataclasses.asdict(p) for p in result.probes],
+        "settings": settings,
+        "options": s.point.options,
+        "provenance": runner.provenance,
+    }
     write_record(out_dir / "result.json", out)
     log(f"[{s.id}] max context {result.max_context} ({result.bound})")
     return out

@@ -13,8 +13,21 @@ import pandas as pd
 
 from .results import PROV_COLS
 
-COLUMNS = ["model", "method", "method_name", "attention", "gradient_checkpointing", "cap_gib", "max_context", "step_s", "peak_gib",
-           "bound", "probes", "device_total_gib", "config"]
+COLUMNS = [
+    "model",
+    "method",
+    "method_name",
+    "attention",
+    "gradient_checkpointing",
+    "cap_gib",
+    "max_context",
+    "step_s",
+    "peak_gib",
+    "bound",
+    "probes",
+    "device_total_gib",
+    "config",
+]
 
 
 def is_lora_family(method: str) -> bool:
@@ -50,26 +63,37 @@ def _tokens(n) -> str:
 
 
 def table(frame: pd.DataFrame) -> str:
-    lines = ["| model | memory cap | method | attention | recompute | max context | step (s) | peak allocated (GiB) | "
-             "bound | vs best LoRA-family |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | memory cap | method | attention | recompute | max context | step (s) | peak allocated (GiB) | "
+        "bound | vs best LoRA-family |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (model, cap), grp in frame.groupby(["model", frame.cap_gib.fillna(-1)], sort=True):
         lora = grp[grp.method.map(is_lora_family)]
         best = lora.max_context.max() if len(lora) else None
         for r in grp.sort_values("max_context", ascending=False).itertuples():
             ratio = f"{r.max_context / best:.2f}x" if best else ""
-            lines.append(f"| {model} | {_cap(r.cap_gib)} | {r.method} | {r.attention} | {r.gradient_checkpointing} | "
-                         f"{_tokens(r.max_context)} | {'' if pd.isna(r.step_s) else f'{r.step_s:.1f}'} | "
-                         f"{'' if pd.isna(r.peak_gib) else f'{r.peak_gib:.1f}'} | {r.bound} | {ratio} |")
+            lines.append(
+                f"| {model} | {_cap(r.cap_gib)} | {r.method} | {r.attention} | {r.gradient_checkpointing} | "
+                f"{_tokens(r.max_context)} | {'' if pd.isna(r.step_s) else f'{r.step_s:.1f}'} | "
+                f"{'' if pd.isna(r.peak_gib) else f'{r.peak_gib:.1f}'} | {r.bound} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
 def summary(frame: pd.DataFrame) -> str:
     gpu = ", ".join(sorted(map(str, frame.gpu.dropna().unique())))
     commits = ", ".join(sorted(c[:10] for c in frame.git_commit.dropna().astype(str).unique()))
-    return "\n".join([
-        f"Max trainable context, one training step per probe, measured on {gpu} (commit {commits}): doubling, then "
-        "bisection at the sweep's granularity; a cap is torch.cuda.set_per_process_memory_fraction. Bound = what "
-        "ended the search (lemo.bench.maxctx).", "", table(frame), ""])
+    return "\n".join(
+        [
+            f"Max trainable context, one training step per probe, measured on {gpu} (commit {commits}): doubling, then "
+            "bisection at the sweep's granularity; a cap is torch.cuda.set_per_process_memory_fraction. Bound = what "
+            "ended the search (lemo.bench.maxctx).",
+            "",
+            table(frame),
+            "",
+        ]
+    )
 
 
 def figure(frame: pd.DataFrame, out: Path) -> Path:
@@ -81,8 +105,9 @@ def figure(frame: pd.DataFrame, out: Path) -> Path:
     from .figures import backend_style, method_color
 
     groups = list(frame.groupby(["model", frame.cap_gib.fillna(-1)], sort=True))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.45 * frame.method.nunique() + 2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(6 * len(groups), 0.45 * frame.method.nunique() + 2), squeeze=False
+    )
     for ax, ((model, _), grp) in zip(axes[0], groups):
         grp = grp.sort_values("max_context")
         labels = [f"{r.method} ({r.attention})" for r in grp.itertuples()]

@@ -65,6 +65,7 @@ def count_saved_bytes(model: torch.nn.Module | None = None, modules: dict | None
     def enter(name):
         def hook(module, args):
             running.append(name)
+
         return hook
 
     def leave(module, args, output):  # must return None: a forward hook's return value replaces the output
@@ -191,10 +192,14 @@ def time_steps(model, batch: dict, optimizer, warmup: int, steps: int, offload: 
             _sync(device)
             times.append(time.perf_counter() - start)
     return StepStats(
-        step_s=times, loss=loss, tokens=int(batch["input_ids"].numel()),
+        step_s=times,
+        loss=loss,
+        tokens=int(batch["input_ids"].numel()),
         peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
         peak_reserved=torch.cuda.max_memory_reserved(device) if cuda else None,
-        nvml_peak_used=sampler.peak, nvml_baseline_used=baseline)
+        nvml_peak_used=sampler.peak,
+        nvml_baseline_used=baseline,
+    )
 
 
 def saved_activation_bytes(model, batch: dict) -> SavedBytes:

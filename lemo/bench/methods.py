@@ -26,8 +26,9 @@ def liger_options(options: dict) -> liger.LigerOptions | None:
         return liger.LigerOptions()
     if isinstance(value, dict):
         return liger.LigerOptions(**value)
-    raise ValueError(f"liger must be true, false or a dict of {list(liger.LigerOptions.__dataclass_fields__)}, "
-                     f"got {value!r}")
+    raise ValueError(
+        f"liger must be true, false or a dict of {list(liger.LigerOptions.__dataclass_fields__)}, got {value!r}"
+    )
 
 
 def _setup_lora_liger(model, options: dict):
@@ -86,12 +87,19 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "lora": Method(lora.setup, _teardown_lora, _describe_lora),
-    "lora-liger": Method(_setup_lora_liger, _teardown_lora_liger,
-                         lambda o: _describe_lora(o) + _describe_liger({"liger": True, **o})),
-    "lemo": Method(_setup_lemo, _teardown_lemo,
-                   lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json() + _describe_liger(o)),
-    "longlora": Method(longlora.setup, longlora.teardown,
-                       lambda o: f"{_describe_lora(o)} + LongLoRA {longlora.LongLoraOptions(**o.get('longlora', {}))}"),
+    "lora-liger": Method(
+        _setup_lora_liger, _teardown_lora_liger, lambda o: _describe_lora(o) + _describe_liger({"liger": True, **o})
+    ),
+    "lemo": Method(
+        _setup_lemo,
+        _teardown_lemo,
+        lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json() + _describe_liger(o),
+    ),
+    "longlora": Method(
+        longlora.setup,
+        longlora.teardown,
+        lambda o: f"{_describe_lora(o)} + LongLoRA {longlora.LongLoraOptions(**o.get('longlora', {}))}",
+    ),
 }
 
 

@@ -27,13 +27,17 @@ def git_state(root: Path | None = None) -> dict:
     if os.environ.get("LEMO_GIT_COMMIT"):
         return {"git_commit": os.environ["LEMO_GIT_COMMIT"], "git_dirty": os.environ.get("LEMO_GIT_DIRTY") == "1"}
     root = root or Path(__file__).resolve().parent.parent.parent
+
     def run(*args):
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"git_commit": run("rev-parse", "HEAD") or None,
-            "git_dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+    return {
+        "git_commit": run("rev-parse", "HEAD") or None,
+        "git_dirty": bool(run("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def gpu_info(device: torch.device) -> dict:
@@ -49,8 +53,13 @@ def gpu_info(device: torch.device) -> dict:
         driver = driver.decode() if isinstance(driver, bytes) else driver
     except Exception:
         pass
-    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1), "driver": driver,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
 
 
 def provenance(device: torch.device) -> dict:

@@ -23,12 +23,16 @@ def _status(row, col, digits=2):
     return _fmt(getattr(row, col, float("nan")), digits) if row.status == "ok" else row.status.upper()
 
 
-def _pivot_table(w: pd.DataFrame, metric: str, methods: list[str], baseline: str, higher_is_better: bool,
-                 digits: int) -> str:
+def _pivot_table(
+    w: pd.DataFrame, metric: str, methods: list[str], baseline: str, higher_is_better: bool, digits: int
+) -> str:
     lines = []
     cols = [m for m in methods if m in set(w.method)]
-    head = ["model", "attention", "context"] + cols + [f"{baseline}/{m}" if not higher_is_better else f"{m}/{baseline}"
-                                                     for m in cols if m != baseline]
+    head = (
+        ["model", "attention", "context"]
+        + cols
+        + [f"{baseline}/{m}" if not higher_is_better else f"{m}/{baseline}" for m in cols if m != baseline]
+    )
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for (model, attention, context), grp in w.groupby(["model", "attention", "context"]):
@@ -45,8 +49,11 @@ def _pivot_table(w: pd.DataFrame, metric: str, methods: list[str], baseline: str
             if r is None or r.status != "ok" or base.status != "ok":
                 cells.append("")
                 continue
-            ratio = getattr(r, metric) / getattr(base, metric) if higher_is_better else \
-                getattr(base, metric) / getattr(r, metric)
+            ratio = (
+                getattr(r, metric) / getattr(base, metric)
+                if higher_is_better
+                else getattr(base, metric) / getattr(r, metric)
+            )
             cells.append(f"{ratio:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -64,23 +71,29 @@ def target_points(frame: pd.DataFrame, target: tuple, same_run: bool = False) ->
     against the strongest LoRA-family row of the point on any backend, plain LoRA beside it."""
     _, model, gc, context, metric, _, _ = target
     r = strongest_ratios(frame, metric, same_run=same_run)
-    r = r[(r.model == model) & (r.gradient_checkpointing == gc) & (r.context == context) & r.method.str.startswith("lemo")]
+    r = r[
+        (r.model == model) & (r.gradient_checkpointing == gc) & (r.context == context) & r.method.str.startswith("lemo")
+    ]
     return r.sort_values(["method", "attention"])
 
 
 def targets(frame: pd.DataFrame) -> str:
     """Each LeMo variant against each target we measure: the ratio to the strongest LoRA-family row
     (lowest value on any backend; lora, lora-liger, offloaded or not), and to plain LoRA on its backend."""
-    lines = ["| target | model | LeMo variant | backend | LeMo | strongest LoRA-family | its value | ratio | "
-             "plain LoRA, same backend | ratio | target | paper (A800, plain LoRA) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | model | LeMo variant | backend | LeMo | strongest LoRA-family | its value | ratio | "
+        "plain LoRA, same backend | ratio | target | paper (A800, plain LoRA) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in TARGETS:
         label, model, _, _, _, goal, paper = t
         for r in target_points(frame, t).itertuples():
             plain = "" if pd.isna(r.lora) else f"{r.lora:.2f} | {r.lora_ratio:.2f}x"
-            lines.append(f"| {label} | {model} | {r.method} | {r.attention} | {r.value:.2f} | "
-                         f"{r.base_method} ({r.base_attention}) | {r.base:.2f} | {r.ratio:.2f}x | "
-                         f"{plain or ' | '} | {goal:.2f}x | {paper:.2f}x |")
+            lines.append(
+                f"| {label} | {model} | {r.method} | {r.attention} | {r.value:.2f} | "
+                f"{r.base_method} ({r.base_attention}) | {r.base:.2f} | {r.ratio:.2f}x | "
+                f"{plain or ' | '} | {goal:.2f}x | {paper:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -104,8 +117,11 @@ def budgets(frame: pd.DataFrame) -> str:
     row shows the peak reached before failing, not what the step needed; points that were skipped or
     failed say nothing about the budget ("-")."""
     w = wide(frame)
-    lines = ["| target | model | backend | method | status | step (s) | peak allocated (GiB) | peak reserved (GiB) | "
-             "device peak, NVML (GiB) | within |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | model | backend | method | status | step (s) | peak allocated (GiB) | peak reserved (GiB) | "
+        "device peak, NVML (GiB) | within |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, model, gc, context, budget in BUDGETS:
         pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
         pts = pts.assign(largest=largest_memory_view(pts))
@@ -133,22 +149,32 @@ def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
     paper = paper[(paper.gpu == "a800") & (paper.method == "lora") & (paper.metric == "peak_allocated_mib")]
     probe = pd.read_csv(probe_csv)
     names = {"llama2-7b": "llama2", "llama3-8b": "llama3"}
-    lines = ["| model | recompute | context | ours: LoRA fp32 adapters (PEFT default) | ours: LoRA bf16 adapters | "
-             "earlier H200 probe | paper A800 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | recompute | context | ours: LoRA fp32 adapters (PEFT default) | ours: LoRA bf16 adapters | "
+        "earlier H200 probe | paper A800 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (model, gc, context), grp in w.groupby(["model", "gradient_checkpointing", "context"]):
         by = {r.method: r.peak_allocated_gib for r in grp.itertuples()}
         p = paper[(paper.model == names.get(model)) & (paper.context == context) & (paper.recompute == gc)]
-        q = probe[(probe.context == context) & (probe.gradient_checkpointing == gc) & (model == "llama2-7b")
-                  & probe.attention.str.startswith("sdpa default")]
+        q = probe[
+            (probe.context == context)
+            & (probe.gradient_checkpointing == gc)
+            & (model == "llama2-7b")
+            & probe.attention.str.startswith("sdpa default")
+        ]
         cell = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"| {model} | {gc} | {context} | {cell(by.get('lora-fp32'))} | {cell(by.get('lora'))} | "
-                     f"{cell(q.peak_allocated_gib.iloc[0] if len(q) else None)} | "
-                     f"{cell(p.value.iloc[0] / 1024 if len(p) else None)} |")
+        lines.append(
+            f"| {model} | {gc} | {context} | {cell(by.get('lora-fp32'))} | {cell(by.get('lora'))} | "
+            f"{cell(q.peak_allocated_gib.iloc[0] if len(q) else None)} | "
+            f"{cell(p.value.iloc[0] / 1024 if len(p) else None)} |"
+        )
     return "\n".join(lines)
 
 
-def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None = None,
-            probe_csv: Path | None = None) -> str:
+def summary(
+    frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None = None, probe_csv: Path | None = None
+) -> str:
     w = wide(frame)
     methods = [baseline] + sorted(m for m in w.method.unique() if m != baseline)
     gpu = ", ".join(sorted(map(str, frame.gpu.dropna().unique())))
@@ -156,40 +182,79 @@ def summary(frame: pd.DataFrame, baseline: str = "lora", paper_csv: Path | None 
     warmup = ", ".join(map(str, sorted(frame.warmup.unique())))
     steps = ", ".join(map(str, sorted(frame.steps.unique())))
     batch = ", ".join(map(str, sorted(frame.batch_size.unique()))) if "batch_size" in frame else "1"
-    out = [f"Measured on {gpu} (commit {commits}); batch {batch}; {warmup} warm-up step(s), then the median of "
-           f"{steps} timed step(s).", ""]
+    out = [
+        f"Measured on {gpu} (commit {commits}); batch {batch}; {warmup} warm-up step(s), then the median of "
+        f"{steps} timed step(s).",
+        "",
+    ]
     target_table = targets(frame)
     if target_table.count("\n") > 1:
-        out += ["**Targets against the strongest LoRA-family row of the point, any backend (see the commits above "
-                "for which points share a run)**", "", target_table, ""]
+        out += [
+            "**Targets against the strongest LoRA-family row of the point, any backend (see the commits above "
+            "for which points share a run)**",
+            "",
+            target_table,
+            "",
+        ]
     budget_table = budgets(frame)
     if budget_table.count("\n") > 1:
         out += ["**Memory budget targets (OOM = out of memory on this GPU)**", "", budget_table, ""]
     if paper_csv is not None and probe_csv is not None and "lora-fp32" in set(w.method):
-        out += ["**LoRA peak allocated memory (GiB) against earlier figures**", "", anchors(frame, paper_csv, probe_csv), ""]
+        out += [
+            "**LoRA peak allocated memory (GiB) against earlier figures**",
+            "",
+            anchors(frame, paper_csv, probe_csv),
+            "",
+        ]
     mem, mem_label = memory_metric(w)
     no_gc = w[w.gradient_checkpointing == False]  # noqa: E712
     if len(no_gc):
-        out += [f"**{mem_label[0].upper() + mem_label[1:]}, no recomputation; ratio > 1 = less memory than LoRA**", "",
-                _pivot_table(no_gc, mem, methods, baseline, False, 3 if mem == "saved_activation_gib" else 1), ""]
-        out += ["**Step time (s), no recomputation; ratio > 1 = faster than LoRA**", "",
-                _pivot_table(no_gc, "step_s", methods, baseline, False, 3), ""]
+        out += [
+            f"**{mem_label[0].upper() + mem_label[1:]}, no recomputation; ratio > 1 = less memory than LoRA**",
+            "",
+            _pivot_table(no_gc, mem, methods, baseline, False, 3 if mem == "saved_activation_gib" else 1),
+            "",
+        ]
+        out += [
+            "**Step time (s), no recomputation; ratio > 1 = faster than LoRA**",
+            "",
+            _pivot_table(no_gc, "step_s", methods, baseline, False, 3),
+            "",
+        ]
     gc = w[w.gradient_checkpointing == True]  # noqa: E712
     if len(gc):
-        out += ["**Step time (s), with recomputation; ratio > 1 = faster than LoRA**", "",
-                _pivot_table(gc, "step_s", methods, baseline, False, 2), ""]
+        out += [
+            "**Step time (s), with recomputation; ratio > 1 = faster than LoRA**",
+            "",
+            _pivot_table(gc, "step_s", methods, baseline, False, 2),
+            "",
+        ]
         if mem == "peak_allocated_gib":  # saved bytes are not measured under recomputation
-            out += ["**Peak allocated memory (GiB), with recomputation**", "",
-                    _pivot_table(gc, mem, methods, baseline, False, 1), ""]
+            out += [
+                "**Peak allocated memory (GiB), with recomputation**",
+                "",
+                _pivot_table(gc, mem, methods, baseline, False, 1),
+                "",
+            ]
     time_cols = sorted(c for c in w.columns if str(c).startswith("time_") and c.endswith("_s"))
     prof = w[w[time_cols].notna().any(axis=1)] if time_cols else w.iloc[0:0]
     if len(prof):
         head = ["model", "attention", "recompute", "context", "method", "step_s"] + [c[5:-2] for c in time_cols]
-        out += ["**Where device time goes (s, one profiled step, by kernel category)**", "",
-                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += [
+            "**Where device time goes (s, one profiled step, by kernel category)**",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for r in prof.sort_values(["model", "gradient_checkpointing", "context", "method"]).itertuples():
-            cells = [r.model, r.attention, str(r.gradient_checkpointing), str(r.context), r.method,
-                     _fmt(r.step_s, 3)] + [_fmt(getattr(r, c), 3) for c in time_cols]
+            cells = [
+                r.model,
+                r.attention,
+                str(r.gradient_checkpointing),
+                str(r.context),
+                r.method,
+                _fmt(r.step_s, 3),
+            ] + [_fmt(getattr(r, c), 3) for c in time_cols]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -12,13 +12,34 @@ from pathlib import Path
 
 import pandas as pd
 
-UNITS = {"step_s": "s", "step_s_min": "s", "step_s_max": "s", "tokens_per_s": "tokens/s", "loss": "nats",
-         "peak_allocated_gib": "GiB", "peak_reserved_gib": "GiB", "nvml_peak_used_gib": "GiB",
-         "nvml_baseline_used_gib": "GiB", "saved_activation_gib": "GiB", "trainable_params": "count",
-         "steps_timed": "count"}
+UNITS = {
+    "step_s": "s",
+    "step_s_min": "s",
+    "step_s_max": "s",
+    "tokens_per_s": "tokens/s",
+    "loss": "nats",
+    "peak_allocated_gib": "GiB",
+    "peak_reserved_gib": "GiB",
+    "nvml_peak_used_gib": "GiB",
+    "nvml_baseline_used_gib": "GiB",
+    "saved_activation_gib": "GiB",
+    "trainable_params": "count",
+    "steps_timed": "count",
+}
 POINT_COLS = ["model", "method", "method_name", "attention", "gradient_checkpointing", "context", "batch_size"]
-PROV_COLS = ["gpu", "driver", "cuda", "torch", "transformers", "peft", "triton", "flash_attn", "git_commit",
-             "git_dirty", "timestamp"]
+PROV_COLS = [
+    "gpu",
+    "driver",
+    "cuda",
+    "torch",
+    "transformers",
+    "peft",
+    "triton",
+    "flash_attn",
+    "git_commit",
+    "git_dirty",
+    "timestamp",
+]
 
 
 def record_files(directories) -> list[Path]:
@@ -33,10 +54,17 @@ def records_to_frame(paths) -> pd.DataFrame:
             rec = json.loads(Path(path).read_text())
             point, prov = rec["point"], rec["provenance"]
             base = {c: point[c] for c in POINT_COLS}
-            base.update(status=rec["status"], reason=rec.get("reason"), attention_label=rec.get("attention_label"),
-                        rope_factor=rec.get("rope_factor"), warmup=point["warmup"], steps=point["steps"],
-                        dtype=point["dtype"], config=json.dumps(point["options"], sort_keys=True),
-                        method_description=rec.get("method_description"))  # the options resolved when it ran
+            base.update(
+                status=rec["status"],
+                reason=rec.get("reason"),
+                attention_label=rec.get("attention_label"),
+                rope_factor=rec.get("rope_factor"),
+                warmup=point["warmup"],
+                steps=point["steps"],
+                dtype=point["dtype"],
+                config=json.dumps(point["options"], sort_keys=True),
+                method_description=rec.get("method_description"),
+            )  # the options resolved when it ran
             base.update({c: prov.get(c) for c in PROV_COLS})
             metrics = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and v is not None}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -44,7 +72,14 @@ def records_to_frame(paths) -> pd.DataFrame:
         if not metrics:  # OOM / skipped / error: one row that says so
             rows.append({**base, "metric": "status", "value": None, "unit": None})
         for name, value in sorted(metrics.items()):
-            rows.append({**base, "metric": name, "value": float(value), "unit": UNITS.get(name, "s" if name.startswith("time_") else "")})
+            rows.append(
+                {
+                    **base,
+                    "metric": name,
+                    "value": float(value),
+                    "unit": UNITS.get(name, "s" if name.startswith("time_") else ""),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -75,13 +110,16 @@ def memory_metric(w: pd.DataFrame) -> tuple[str, str]:
     return "saved_activation_gib", "saved activations (GiB)"
 
 
-def ratios(frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False,
-           same_run: bool = False) -> pd.DataFrame:
+def ratios(
+    frame: pd.DataFrame, metric: str, baseline: str = "lora", higher_is_better: bool = False, same_run: bool = False
+) -> pd.DataFrame:
     """baseline / method (or method / baseline when higher is better) per matching point; >1 = method wins.
 
     Columns: the point, method, base (the baseline's value), value (the method's), ratio. `same_run`
     pairs only points measured by the same commit (one sweep run)."""
-    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size"] + (["git_commit"] if same_run else [])
+    keys = ["model", "attention", "gradient_checkpointing", "context", "batch_size"] + (
+        ["git_commit"] if same_run else []
+    )
     w = wide(frame)
     w = w[w.status == "ok"]
     if metric not in w:
@@ -105,8 +143,18 @@ def strongest_ratios(frame: pd.DataFrame, metric: str, family=LORA_FAMILY, same_
     base_attention, baselines (every family row of the point, "method/backend"), ratio = base / value,
     and lora / lora_ratio: plain LoRA on the row's backend in the same run (NaN where not measured)."""
     keys = ["model", "gradient_checkpointing", "context", "batch_size"] + (["git_commit"] if same_run else [])
-    cols = keys + ["method", "attention", "value", "base", "base_method", "base_attention", "baselines", "ratio",
-                   "lora", "lora_ratio"]
+    cols = keys + [
+        "method",
+        "attention",
+        "value",
+        "base",
+        "base_method",
+        "base_attention",
+        "baselines",
+        "ratio",
+        "lora",
+        "lora_ratio",
+    ]
     w = wide(frame)
     w = w[w.status == "ok"]
     if metric not in w:

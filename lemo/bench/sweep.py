@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from baselines.attention import BACKENDS
 
-from .methods import METHODS
 from ..models.registry import REGISTRY
+from .methods import METHODS
 from .yamlfile import load_yaml
 
 DEFAULTS = dict(device="cuda", dtype="bfloat16", batch_size=1, warmup=1, steps=3, seed=0)
@@ -30,8 +29,12 @@ GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "on
 # checkpointing the layer inputs, kept in host memory during the step; see lemo.bench.measure.offloading).
 # `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of baselines.liger.LigerOptions).
 METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
-OPTION_KEYS = {"lora": {"lora"}, "lemo": {"lora", "lemo", "liger"}, "longlora": {"lora", "longlora"},
-               "lora-liger": {"lora", "liger"}}  # per method
+OPTION_KEYS = {
+    "lora": {"lora"},
+    "lemo": {"lora", "lemo", "liger"},
+    "longlora": {"lora", "longlora"},
+    "lora-liger": {"lora", "liger"},
+}  # per method
 
 
 def _int(lo: int):
@@ -40,11 +43,19 @@ def _int(lo: int):
 
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 # Settings: (accepts, what is allowed). steps: 0 would leave nothing to take the median of.
-SETTINGS = {"batch_size": _int(1), "warmup": _int(0), "steps": _int(1), "seed": _int(0), "profile": _BOOL,
-            "saved_bytes": _BOOL, "gradient_checkpointing": _BOOL, "one_process": _BOOL,
-            "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
-            "dtype": (lambda v: v in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32"),
-            "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string")}
+SETTINGS = {
+    "batch_size": _int(1),
+    "warmup": _int(0),
+    "steps": _int(1),
+    "seed": _int(0),
+    "profile": _BOOL,
+    "saved_bytes": _BOOL,
+    "gradient_checkpointing": _BOOL,
+    "one_process": _BOOL,
+    "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
+    "dtype": (lambda v: v in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32"),
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+}
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,9 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
     allowed = OPTION_KEYS[spec["method"]]
     extra = set(spec) & (METHOD_KEYS - allowed - {"method", "offload_activations"})
     if extra:
-        raise ValueError(f"{where}: method {spec['method']!r} takes no {sorted(extra)} options (it takes {sorted(allowed)})")
+        raise ValueError(
+            f"{where}: method {spec['method']!r} takes no {sorted(extra)} options (it takes {sorted(allowed)})"
+        )
     if not isinstance(spec.get("offload_activations", False), bool):
         raise ValueError(f"{where}: offload_activations must be true or false")
     kinds = {"lora": LoraOptions, "lemo": LeMoConfig, "longlora": LongLoraOptions}
@@ -221,10 +234,16 @@ def expand(sweep: dict) -> list[Point]:
                         options = {k: v for k, v in spec.items() if k != "method"}
                         if "lora" in sweep and "lora" not in options:
                             options["lora"] = sweep["lora"]
-                        p = Point(model=model, attention=attention,
-                                  gradient_checkpointing=bool(group["gradient_checkpointing"]), context=context,
-                                  method=label, method_name=spec["method"], options=options,
-                                  **{**base, **overrides})
+                        p = Point(
+                            model=model,
+                            attention=attention,
+                            gradient_checkpointing=bool(group["gradient_checkpointing"]),
+                            context=context,
+                            method=label,
+                            method_name=spec["method"],
+                            options=options,
+                            **{**base, **overrides},
+                        )
                         if p.key() in seen:
                             raise ValueError(f"point {p.key()} appears twice in the sweep")
                         seen.add(p.key())
@@ -236,8 +255,10 @@ def jobs(sweep: dict) -> list[Job]:
     """Points grouped by (model, attention, checkpointing), ordered by context, then method (one_process
     groups: by their backends together)."""
     if sweep.get("kind") == "distributed":  # its points carry a parallelism and world size: lemo.distributed
-        raise ValueError(f"sweep {sweep.get('name')!r} is a multi-GPU sweep: run it with `lemo dist-bench` "
-                         "(Snakemake does, one torchrun per point)")
+        raise ValueError(
+            f"sweep {sweep.get('name')!r} is a multi-GPU sweep: run it with `lemo dist-bench` "
+            "(Snakemake does, one torchrun per point)"
+        )
     by_key: dict[tuple, Job] = {}
     for p in sorted(expand(sweep), key=lambda p: p.context):
         by_key.setdefault(p.job_key, Job(*p.job_key, points=[])).points.append(p)

@@ -22,9 +22,23 @@ from .results import strongest_ratios, wide
 SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k", "h200-frontier", "h200-crossover"]
 # The options that make a LeMo row "the default method" (kernels and scorer aside: they change speed, not
 # which tokens train).
-METHOD_FIELDS = ("keep_ratio", "selection", "threshold", "sparse_layers", "sparse_first", "block_size",
-                 "keep_first_block", "keep_last_block", "mlp_mode", "eliminated", "shared_selection", "loss_tokens",
-                 "mlp_keep_channels", "mlp_channel_all_layers", "min_sparse_tokens")
+METHOD_FIELDS = (
+    "keep_ratio",
+    "selection",
+    "threshold",
+    "sparse_layers",
+    "sparse_first",
+    "block_size",
+    "keep_first_block",
+    "keep_last_block",
+    "mlp_mode",
+    "eliminated",
+    "shared_selection",
+    "loss_tokens",
+    "mlp_keep_channels",
+    "mlp_channel_all_layers",
+    "min_sparse_tokens",
+)
 # Baseline values of one setup differ this much between runs at most (noise); a run whose strongest
 # LoRA-family value is further above another run's lacks that stronger baseline.
 RUN_TO_RUN = 0.05
@@ -57,11 +71,14 @@ def ratio_target(results: Path, target: tuple) -> Row:
     if not found:
         return Row(label, goal_text, "", _mark(None), "")
     strongest = min(row.base for row, _ in found)
-    r, csv = max(((row, csv) for row, csv in found if row.base <= (1 + RUN_TO_RUN) * strongest),
-                 key=lambda pair: pair[0].ratio)
+    r, csv = max(
+        ((row, csv) for row, csv in found if row.base <= (1 + RUN_TO_RUN) * strongest), key=lambda pair: pair[0].ratio
+    )
     plain = "not in the run" if pd.isna(r.lora_ratio) else f"{r.lora_ratio:.3f}x (lora {r.lora:.2f})"
-    text = (f"{r.ratio:.3f}x: {r.base_method} ({r.base_attention}) {r.base:.2f}, {r.method} ({r.attention}) "
-            f"{r.value:.2f}, one run with {r.baselines}; vs plain LoRA on {r.attention}: {plain}")
+    text = (
+        f"{r.ratio:.3f}x: {r.base_method} ({r.base_attention}) {r.base:.2f}, {r.method} ({r.attention}) "
+        f"{r.value:.2f}, one run with {r.baselines}; vs plain LoRA on {r.attention}: {plain}"
+    )
     return Row(label, goal_text, text, _mark(r.ratio >= goal), str(csv))
 
 
@@ -73,7 +90,7 @@ def _is_default(description: str) -> bool:
     if not isinstance(description, str) or "LeMo {" not in description:
         return False
     try:
-        resolved = json.loads(description[description.index("{"):].split(" + ")[0])
+        resolved = json.loads(description[description.index("{") :].split(" + ")[0])
     except ValueError:
         return False
     default = LeMoConfig()
@@ -99,11 +116,15 @@ def never_slower_target(results: Path) -> Row:
     if not found:
         return Row(label, goal, "", _mark(None), "")
     worst, where = min(found, key=lambda pair: pair[0].ratio)
-    text = (f"slowest {worst.ratio:.2f}x over {len(found)} points in {len({n for _, n in found})} sweeps: "
-            f"{worst.model} {worst.context // 1024}K {'with' if worst.gradient_checkpointing else 'without'} "
-            f"recomputation, {worst.method} ({worst.attention}) {worst.value:.3f} s vs {worst.base_method} "
-            f"({worst.base_attention}) {worst.base:.3f} s in {where}")
-    return Row(label, goal, text, _mark(worst.ratio >= 1.0), ", ".join(sorted({f"results/{n}/sweep.csv" for _, n in found})))
+    text = (
+        f"slowest {worst.ratio:.2f}x over {len(found)} points in {len({n for _, n in found})} sweeps: "
+        f"{worst.model} {worst.context // 1024}K {'with' if worst.gradient_checkpointing else 'without'} "
+        f"recomputation, {worst.method} ({worst.attention}) {worst.value:.3f} s vs {worst.base_method} "
+        f"({worst.base_attention}) {worst.base:.3f} s in {where}"
+    )
+    return Row(
+        label, goal, text, _mark(worst.ratio >= 1.0), ", ".join(sorted({f"results/{n}/sweep.csv" for _, n in found}))
+    )
 
 
 def budget_target(results: Path) -> Row:
@@ -120,8 +141,13 @@ def budget_target(results: Path) -> Row:
     if not len(ok):
         return Row(label, f"<= {budget:.0f} GiB", "no method ran" + lora_text, "no", str(csv))
     r = ok.iloc[0]
-    return Row(label, f"<= {budget:.0f} GiB", f"{r.peak:.1f} GiB, largest of allocator/NVML peaks "
-               f"({r.method}, {r.step_s:.0f} s/step){lora_text}", _mark(r.peak <= budget), str(csv))
+    return Row(
+        label,
+        f"<= {budget:.0f} GiB",
+        f"{r.peak:.1f} GiB, largest of allocator/NVML peaks ({r.method}, {r.step_s:.0f} s/step){lora_text}",
+        _mark(r.peak <= budget),
+        str(csv),
+    )
 
 
 def perplexity_target(accuracy_csv: Path, goal_pct: float = 2.0) -> Row:
@@ -141,8 +167,9 @@ def perplexity_target(accuracy_csv: Path, goal_pct: float = 2.0) -> Row:
     return Row(label, goal, text, _mark(all(rel[m] <= goal_pct for m in defaults)), str(accuracy_csv))
 
 
-def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 2.0, pts_goal: float = 5.0,
-                 cos_goal: float = 0.9) -> list[Row]:
+def quality_rows(
+    quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 2.0, pts_goal: float = 5.0, cos_goal: float = 0.9
+) -> list[Row]:
     """The real model (results/accuracy/smollm2): perplexity and retrieval after 4x extension at a 7B-shape
     memory saving, and the LoRA-gradient cosine of the fidelity screen."""
     label = "quality after 4x extension, real model (SmolLM2-135M): perplexity and retrieval vs LoRA, at memory saving"
@@ -152,11 +179,14 @@ def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 
         return [Row(label, goal, "", _mark(None), "")]
     f = pd.read_csv(front_csv)
     f = f[f.label.str.startswith("lemo") & f.memory_ratio.notna()]
-    lines = [f"{r.label} {r.delta_pct:+.1f}% ({int(r.seeds)} seed{'s' * (r.seeds > 1)}) at {r.memory_ratio:.2f}x"
-             for r in f.sort_values("delta_pct").itertuples()]
+    lines = [
+        f"{r.label} {r.delta_pct:+.1f}% ({int(r.seeds)} seed{'s' * (r.seeds > 1)}) at {r.memory_ratio:.2f}x"
+        for r in f.sort_values("delta_pct").itertuples()
+    ]
     retrieval = f.acc_pts.max() if "acc_pts" in f else float("nan")
-    text = "; ".join(lines) + (f"; retrieval: every method incl. LoRA at {retrieval:.0f} points (uninformative)"
-                               if retrieval == 0 else "")
+    text = "; ".join(lines) + (
+        f"; retrieval: every method incl. LoRA at {retrieval:.0f} points (uninformative)" if retrieval == 0 else ""
+    )
     met = bool(f.meets_goal.fillna(False).astype(bool).any()) if "meets_goal" in f else None
     mark = _mark(met)
     if met and retrieval == 0:  # "within 5 points of LoRA" holds only because LoRA retrieves nothing either
@@ -178,8 +208,15 @@ def quality_rows(quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 
             parts.append(f"best at >= {memory_goal}x: {lean.idxmax()} {lean.max():.3f}")
         if "lemo-paper" in cos:
             parts.append(f"paper's lemo-paper {cos['lemo-paper']:.3f}")
-        rows.append(Row(f"LoRA-gradient cosine vs dense, real model at {longest // 1024}K", f">= {cos_goal}",
-                        "; ".join(parts), _mark(bool((lean >= cos_goal).any())), str(fid_csv)))
+        rows.append(
+            Row(
+                f"LoRA-gradient cosine vs dense, real model at {longest // 1024}K",
+                f">= {cos_goal}",
+                "; ".join(parts),
+                _mark(bool((lean >= cos_goal).any())),
+                str(fid_csv),
+            )
+        )
     return rows
 
 
@@ -194,8 +231,13 @@ def recall_target(recall_csv: Path, model: str, goal: float = 0.97) -> Row:
     # met only at the oracle's budget: a threshold that keeps more blocks than the keep ratio buys its
     # recall with memory
     budget = r.kept_fraction <= 1.05 * r.keep_ratio
-    return Row(label, f">= {goal:.0%} at the keep ratio's budget (paper 95.1%)", ", ".join(parts) + context,
-               _mark(bool((r.recall[budget] >= goal).any())), str(recall_csv))
+    return Row(
+        label,
+        f">= {goal:.0%} at the keep ratio's budget (paper 95.1%)",
+        ", ".join(parts) + context,
+        _mark(bool((r.recall[budget] >= goal).any())),
+        str(recall_csv),
+    )
 
 
 def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> Row:
@@ -216,8 +258,13 @@ def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> 
         return Row(label, f"<= {goal:.0%}", "", _mark(None), "")
     ms, step = b.ms.max(), w.step_s.min()  # the slower predictor size: the bound holds for both
     share = ms / 1000 / step
-    return Row(label, f"<= {goal:.0%}", f"{share:.1%} ({ms:.1f} ms of {step:.2f} s, {w.method.iloc[0]})",
-               _mark(share <= goal), f"{bench}, {step_csv}")
+    return Row(
+        label,
+        f"<= {goal:.0%}",
+        f"{share:.1%} ({ms:.1f} ms of {step:.2f} s, {w.method.iloc[0]})",
+        _mark(share <= goal),
+        f"{bench}, {step_csv}",
+    )
 
 
 def kernel_rows(results: Path) -> list[Row]:
@@ -239,8 +286,15 @@ def kernel_rows(results: Path) -> list[Row]:
         cap, unit = ceilings[ceiling]
         top = d[d.context == d.context.max()][rate] / cap
         span = f"{top.max():.0%}" if top.max() - top.min() < 0.005 else f"{top.min():.0%}-{top.max():.0%}"
-        rows.append(Row(f"kernel: {spec.title}", "near the ceiling",
-                        f"{span} of {cap:.0f} {unit} ({rate}) at {int(d.context.max())} tokens", "-", str(path)))
+        rows.append(
+            Row(
+                f"kernel: {spec.title}",
+                "near the ceiling",
+                f"{span} of {cap:.0f} {unit} ({rate}) at {int(d.context.max())} tokens",
+                "-",
+                str(path),
+            )
+        )
     return rows
 
 
@@ -262,5 +316,7 @@ def target_rows(results: Path) -> list[Row]:
 def targets_table(results: Path) -> str:
     lines = ["| target | goal | measured | met | read from |", "|---|---|---|---|---|"]
     for r in target_rows(results):
-        lines.append(f"| {r.target} | {r.goal} | {r.measured} | {r.met} | {r.source.replace(str(results), 'results')} |")
+        lines.append(
+            f"| {r.target} | {r.goal} | {r.measured} | {r.met} | {r.source.replace(str(results), 'results')} |"
+        )
     return "\n".join(lines)

@@ -19,7 +19,8 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} given twice in one mapping (remove one)", key_node.start_mark)
+                None, None, f"key {key!r} given twice in one mapping (remove one)", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=True)
 

@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 
 from ..bench.bench import DTYPES, is_oom, write_record
-from ..config import LeMoConfig
 from ..bench.methods import get_method
 from ..bench.provenance import provenance
 from ..bench.sweep import load_sweep
+from ..config import LeMoConfig
 from .data_parallel import broadcast_parameters, enable_checkpointing, shard_fsdp2, wrap_ddp
 from .points import DistPoint, find_point
 
 log = logging.getLogger(__name__)
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _setup(p: DistPoint, model):
@@ -88,8 +88,9 @@ def _sync(device):
 
 
 def measure(p: DistPoint) -> dict:
-    from ..models.registry import build_model
     from baselines.attention import attention_context, set_model_backend
+
+    from ..models.registry import build_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != p.gpus:
@@ -122,26 +123,43 @@ def measure(p: DistPoint) -> dict:
             loss = _step(p, model, batch, optimizer)
             _sync(device)
             times.append(time.perf_counter() - start)
-    mine = {"step_s": statistics.median(times),
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None}
+    mine = {
+        "step_s": statistics.median(times),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None,
+    }
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)
     step = max(r["step_s"] for r in ranks)
     peaks = [r["peak_allocated_gib"] for r in ranks]
-    return {"step_s": step, "loss": loss, "tokens_per_step": p.tokens_per_step, "tokens_per_s": p.tokens_per_step / step,
-            "peak_allocated_gib_max": max(peaks) if peaks[0] is not None else None,
-            "peak_reserved_gib_max": max(r["peak_reserved_gib"] for r in ranks) if peaks[0] is not None else None,
-            "per_rank": ranks}
+    return {
+        "step_s": step,
+        "loss": loss,
+        "tokens_per_step": p.tokens_per_step,
+        "tokens_per_s": p.tokens_per_step / step,
+        "peak_allocated_gib_max": max(peaks) if peaks[0] is not None else None,
+        "peak_reserved_gib_max": max(r["peak_reserved_gib"] for r in ranks) if peaks[0] is not None else None,
+        "per_rank": ranks,
+    }
 
 
 def record(p: DistPoint, status: str, metrics: dict | None = None, reason: str | None = None) -> dict:
-    return {"point": p.as_dict(), "id": p.id, "world_size": p.gpus, "parallelism": p.parallelism,
-            "method_description": get_method(p.method_name).describe(p.options)
-                                  + (" (sequence parallel)" if p.parallelism == "sp" else ""),
-            "status": status, "reason": reason, "metrics": metrics or {},
-            "provenance": {**provenance(torch.device(p.device)), "world_size": p.gpus,
-                           "process_group": "nccl" if p.device == "cuda" else "gloo"}}
+    return {
+        "point": p.as_dict(),
+        "id": p.id,
+        "world_size": p.gpus,
+        "parallelism": p.parallelism,
+        "method_description": get_method(p.method_name).describe(p.options)
+        + (" (sequence parallel)" if p.parallelism == "sp" else ""),
+        "status": status,
+        "reason": reason,
+        "metrics": metrics or {},
+        "provenance": {
+            **provenance(torch.device(p.device)),
+            "world_size": p.gpus,
+            "process_group": "nccl" if p.device == "cuda" else "gloo",
+        },
+    }
 
 
 def run(args) -> int:
@@ -160,11 +178,21 @@ def run(args) -> int:
         metrics = measure(p)
         if dist.get_rank() == 0:
             write_record(Path(args.out), record(p, "ok", metrics))
-            log.info("%s: %.1f tokens/s, step %.3fs, peak %s GiB", p.id, metrics["tokens_per_s"], metrics["step_s"],
-                     metrics["peak_allocated_gib_max"])
+            log.info(
+                "%s: %.1f tokens/s, step %.3fs, peak %s GiB",
+                p.id,
+                metrics["tokens_per_s"],
+                metrics["step_s"],
+                metrics["peak_allocated_gib_max"],
+            )
     except BaseException as err:  # one rank's failure must end the launch, not leave others waiting
-        log.error("rank %d: %s: %s: %s", dist.get_rank(), "out of memory" if is_oom(err) else "failed",
-                  type(err).__name__, err)
+        log.error(
+            "rank %d: %s: %s: %s",
+            dist.get_rank(),
+            "out of memory" if is_oom(err) else "failed",
+            type(err).__name__,
+            err,
+        )
         raise
     finally:
         if dist.is_initialized():

@@ -33,8 +33,12 @@ def rank_channels_globally(model, group=None) -> int:
     for module, _ in handle.patched:  # (module, the forward it had before LeMo)
         forward = module.__dict__.get("forward")
         if isinstance(forward, functools.partial) and forward.func is channel_pruned_forward:
-            module.forward = functools.partial(channel_pruned_forward, module, handle.config.mlp_keep_channels,
-                                               active_in_eval=handle.config.active_in_eval,
-                                               reduce=functools.partial(_all_reduce, group=group))
+            module.forward = functools.partial(
+                channel_pruned_forward,
+                module,
+                handle.config.mlp_keep_channels,
+                active_in_eval=handle.config.active_in_eval,
+                reduce=functools.partial(_all_reduce, group=group),
+            )
             n += 1
     return n

@@ -14,8 +14,12 @@ def register(sub) -> None:
     p.add_argument("--sweep", required=True, help="a `kind: distributed` sweep file")
     p.add_argument("--point", required=True, help="point id (see `lemo dist-points`)")
     p.add_argument("--out", required=True, help="JSON record")
-    p.add_argument("--record-failure", default=None, metavar="LOG",
-                   help="write a failed/oom record for the point from torchrun's log instead of running")
+    p.add_argument(
+        "--record-failure",
+        default=None,
+        metavar="LOG",
+        help="write a failed/oom record for the point from torchrun's log instead of running",
+    )
     p.set_defaults(func=_bench)
     p = sub.add_parser("dist-points", help="list the points of a distributed sweep")
     p.add_argument("--sweep", required=True, help="a `kind: distributed` sweep file")

@@ -39,8 +39,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_adapter(lm.config.model_type).decoder(lm).layers
 
 
-def wrap_ddp(model: nn.Module, device: torch.device | None = None, global_channels: bool = True,
-             **kwargs) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device | None = None, global_channels: bool = True, **kwargs) -> nn.Module:
     """DistributedDataParallel; DDP broadcasts rank 0's parameters at construction and averages
     gradients, so the loss must be a per-rank mean over equally many labelled tokens for the result to
     equal one process on the concatenated batch. `global_channels`: channel-mode MLPs rank channels over
@@ -53,8 +52,9 @@ def wrap_ddp(model: nn.Module, device: torch.device | None = None, global_channe
     return DistributedDataParallel(model, device_ids=ids, **kwargs)
 
 
-def shard_fsdp2(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                global_channels: bool = True) -> nn.Module:
+def shard_fsdp2(
+    model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True, global_channels: bool = True
+) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head).
 
     Frozen base weights are sharded like the adapters; FSDP2 reduce-scatters gradients only for
@@ -67,8 +67,11 @@ def shard_fsdp2(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forwa
 
     if global_channels:
         rank_channels_globally(model, mesh.get_group() if mesh is not None else None)
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
-              "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+    }
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

@@ -33,8 +33,10 @@ class DistPoint:
 
     @property
     def id(self) -> str:
-        return (f"{self.parallelism}__g{self.gpus}__{self.model}__{self.attention}__gc{int(self.gradient_checkpointing)}"
-                f"__{self.method}__{self.context}")
+        return (
+            f"{self.parallelism}__g{self.gpus}__{self.model}__{self.attention}__gc{int(self.gradient_checkpointing)}"
+            f"__{self.method}__{self.context}"
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -64,12 +66,24 @@ def dist_points(sweep: dict) -> list[DistPoint]:
                         for label in group["methods"]:
                             spec = sweep["methods"][label]
                             if spec["method"] not in ("lora", "lemo"):
-                                raise ValueError(f"group {i}: distributed points run lora or lemo, not {spec['method']}")
+                                raise ValueError(
+                                    f"group {i}: distributed points run lora or lemo, not {spec['method']}"
+                                )
                             options = {k: v for k, v in spec.items() if k != "method"}
                             if "lora" in sweep and "lora" not in options:
                                 options["lora"] = sweep["lora"]
-                            p = DistPoint(par, int(gpus), model, attention, bool(group["gradient_checkpointing"]),
-                                          context, label, spec["method"], options, **base)
+                            p = DistPoint(
+                                par,
+                                int(gpus),
+                                model,
+                                attention,
+                                bool(group["gradient_checkpointing"]),
+                                context,
+                                label,
+                                spec["method"],
+                                options,
+                                **base,
+                            )
                             if p.id in seen:
                                 raise ValueError(f"point {p.id} appears twice")
                             seen.add(p.id)

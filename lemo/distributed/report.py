@@ -17,13 +17,25 @@ def frame(files: list[Path]) -> pd.DataFrame:
     for f in files:
         rec = json.loads(Path(f).read_text())
         p, m = rec["point"], rec["metrics"]
-        rows.append({"id": rec["id"], "parallelism": rec["parallelism"], "world_size": rec["world_size"],
-                     "model": p["model"], "method": p["method"], "context": p["context"],
-                     "gradient_checkpointing": p["gradient_checkpointing"], "status": rec["status"],
-                     "reason": rec.get("reason"), "step_s": m.get("step_s"), "tokens_per_s": m.get("tokens_per_s"),
-                     "peak_allocated_gib_max": m.get("peak_allocated_gib_max"),
-                     "peak_reserved_gib_max": m.get("peak_reserved_gib_max"),
-                     "gpu": rec["provenance"].get("gpu"), "git_commit": rec["provenance"].get("git_commit")})
+        rows.append(
+            {
+                "id": rec["id"],
+                "parallelism": rec["parallelism"],
+                "world_size": rec["world_size"],
+                "model": p["model"],
+                "method": p["method"],
+                "context": p["context"],
+                "gradient_checkpointing": p["gradient_checkpointing"],
+                "status": rec["status"],
+                "reason": rec.get("reason"),
+                "step_s": m.get("step_s"),
+                "tokens_per_s": m.get("tokens_per_s"),
+                "peak_allocated_gib_max": m.get("peak_allocated_gib_max"),
+                "peak_reserved_gib_max": m.get("peak_reserved_gib_max"),
+                "gpu": rec["provenance"].get("gpu"),
+                "git_commit": rec["provenance"].get("git_commit"),
+            }
+        )
     return pd.DataFrame(rows).sort_values(["parallelism", "model", "method", "context", "world_size"])
 
 
@@ -47,9 +59,13 @@ def max_context(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    parts = ["## Data parallel scaling\n", scaling(df).to_markdown(index=False, floatfmt=".3f"),
-             "\n\n## Sequence parallel: longest context that trained\n", max_context(df).to_markdown(index=False),
-             "\n"]
+    parts = [
+        "## Data parallel scaling\n",
+        scaling(df).to_markdown(index=False, floatfmt=".3f"),
+        "\n\n## Sequence parallel: longest context that trained\n",
+        max_context(df).to_markdown(index=False),
+        "\n",
+    ]
     return "\n".join(parts)
 
 

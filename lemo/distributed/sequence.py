@@ -53,14 +53,15 @@ class SequenceSelection:
 
 def local_selection(kept: torch.Tensor, rank: int, world: int, block_size: int) -> SequenceSelection:
     nb_local = kept.shape[1] // world
-    counts = [int(kept[:, r * nb_local:(r + 1) * nb_local].sum()) * block_size for r in range(world)]
-    mine = kept[:, rank * nb_local:(rank + 1) * nb_local]
+    counts = [int(kept[:, r * nb_local : (r + 1) * nb_local].sum()) * block_size for r in range(world)]
+    mine = kept[:, rank * nb_local : (rank + 1) * nb_local]
     docs = torch.zeros(1, nb_local * block_size, dtype=torch.int32, device=kept.device)
     return SequenceSelection(kept, tokens_from_blocks(mine, docs, block_size), counts)
 
 
-def sequence_parallel_layer(parts, hidden: torch.Tensor, sel: SequenceSelection, position_embeddings,
-                            mlp_mode: str, group=None) -> torch.Tensor:
+def sequence_parallel_layer(
+    parts, hidden: torch.Tensor, sel: SequenceSelection, position_embeddings, mlp_mode: str, group=None
+) -> torch.Tensor:
     """lemo.elimination.sparse_layer with attention across ranks. hidden (1, l, D) -> (1, l, D)."""
     _, length, d = hidden.shape
     world = dist.get_world_size(group)
@@ -78,8 +79,13 @@ def sequence_parallel_layer(parts, hidden: torch.Tensor, sel: SequenceSelection,
     packed = torch.cat([q.view(n, world, qg, hd), k.view(n, world, kg, hd), v.view(n, world, kg, hd)], dim=2)
     q, k, v = seq_to_heads(packed, sel.counts, group).split([qg, kg, kg], dim=1)
     total = sel.total
-    whole = Selection(index=local.index.new_empty(0), lengths=local.index.new_tensor([total]), rows=1,
-                      per_row=total, kept_blocks=sel.kept_blocks)  # batch 1: one causal segment
+    whole = Selection(
+        index=local.index.new_empty(0),
+        lengths=local.index.new_tensor([total]),
+        rows=1,
+        per_row=total,
+        kept_blocks=sel.kept_blocks,
+    )  # batch 1: one causal segment
     out = attend_kept(parts, q, k, v, whole).view(total, qg, hd)
     out = heads_to_seq(out, sel.counts, group).reshape(n, hq * hd)
     flat = scatter_add_rows(flat, local.index, parts.o_proj(out))
@@ -106,11 +112,18 @@ class SequenceParallelLayer(LeMoLayer):
         position_embeddings = kwargs.get("position_embeddings")
         sel = self.select(parts, hidden_states, position_embeddings)
         mlp_mode = "dense" if self.dense else self.config.mlp_mode
-        run = functools.partial(sequence_parallel_layer, parts, sel=sel, position_embeddings=position_embeddings,
-                                mlp_mode=mlp_mode, group=self.group)
+        run = functools.partial(
+            sequence_parallel_layer,
+            parts,
+            sel=sel,
+            position_embeddings=position_embeddings,
+            mlp_mode=mlp_mode,
+            group=self.group,
+        )
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                checkpoint, use_reentrant=False)
+                checkpoint, use_reentrant=False
+            )
             return ckpt(run, hidden_states)
         return run(hidden_states)
 
@@ -119,18 +132,27 @@ class SequenceParallelLayer(LeMoLayer):
         cfg = self.config
         b, length, _ = hidden.shape
         if b != 1 or length % cfg.block_size or self.state.attention_mask is not None:
-            raise ValueError(f"sequence parallelism takes batch 1, no padding mask, and a slice that is whole "
-                             f"blocks (got batch {b}, slice {length}, block size {cfg.block_size})")
+            raise ValueError(
+                f"sequence parallelism takes batch 1, no padding mask, and a slice that is whole "
+                f"blocks (got batch {b}, slice {length}, block size {cfg.block_size})"
+            )
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         valid = torch.ones(1, world * length // cfg.block_size, dtype=torch.bool, device=hidden.device)
         if self.dense or (cfg.selection == "topk" and cfg.keep_ratio >= 1.0):
             kept = valid
         else:
-            scores = sp_scoring.sequence_block_scores(parts, hidden, position_embeddings, cfg.block_size,
-                                                      self.group, cfg.kernels)
+            scores = sp_scoring.sequence_block_scores(
+                parts, hidden, position_embeddings, cfg.block_size, self.group, cfg.kernels
+            )
             threshold = cfg.layer_threshold(self.layer_index) if cfg.selection == "threshold" else None
-            kept = select_blocks(scores, valid, keep_ratio=cfg.keep_ratio, threshold=threshold,
-                                 keep_first=cfg.keep_first_block, keep_last=cfg.keep_last_block)
+            kept = select_blocks(
+                scores,
+                valid,
+                keep_ratio=cfg.keep_ratio,
+                threshold=threshold,
+                keep_first=cfg.keep_first_block,
+                keep_last=cfg.keep_last_block,
+            )
         sel = local_selection(kept, rank, world, cfg.block_size)
         if not self.dense:
             self.state.selections[self.layer_index] = sel
@@ -176,8 +198,12 @@ def shard_sequence(input_ids: torch.Tensor, labels: torch.Tensor | None = None, 
     targets = shift_labels(input_ids if labels is None else labels)
     part = slice(rank * length // world, (rank + 1) * length // world)
     positions = torch.arange(length, device=input_ids.device)[None]
-    return {"input_ids": input_ids[:, part], "position_ids": positions[:, part], "targets": targets[:, part],
-            "labelled": int((targets != IGNORE_INDEX).sum())}
+    return {
+        "input_ids": input_ids[:, part],
+        "position_ids": positions[:, part],
+        "targets": targets[:, part],
+        "labelled": int((targets != IGNORE_INDEX).sum()),
+    }
 
 
 def sequence_parallel_loss(model, batch: dict, segment: int = 4096) -> torch.Tensor:

@@ -19,8 +19,9 @@ from ..scoring import OracleScorer, project_qk
 
 
 @torch.no_grad()
-def earlier_key_tile_max(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float,
-                         query_chunk: int = 512) -> torch.Tensor:
+def earlier_key_tile_max(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, query_chunk: int = 512
+) -> torch.Tensor:
     """M[I, J] for queries q (B, Hq, lq, D) and keys k (B, Hkv, lk, D) that all precede them, both whole
     blocks: (B, lq / bs, lk / bs) fp32. Same arithmetic as block_scores_torch, without its causal mask."""
     b, hq, lq, d = q.shape
@@ -39,13 +40,14 @@ def earlier_key_tile_max(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
         for h in range(hkv):  # one KV head and its g query heads per matmul (no GQA copy of k)
             s = torch.matmul(qv[:, h, :, r0:r1].reshape(b, g * rows, d), kt[:, h]).relu_()
             acc += s.view(b, g, rows, lk).sum(dim=1, dtype=torch.float32)
-        out[:, r0 // bs:r1 // bs] = acc.view(b, rows // bs, bs, lk // bs, bs).amax(dim=(2, 4)).mul_(abs(scale) / hq)
+        out[:, r0 // bs : r1 // bs] = acc.view(b, rows // bs, bs, lk // bs, bs).amax(dim=(2, 4)).mul_(abs(scale) / hq)
     return out
 
 
 @torch.no_grad()
-def sequence_block_scores(parts, hidden: torch.Tensor, position_embeddings, block_size: int, group=None,
-                          kernels: str = "auto") -> torch.Tensor:
+def sequence_block_scores(
+    parts, hidden: torch.Tensor, position_embeddings, block_size: int, group=None, kernels: str = "auto"
+) -> torch.Tensor:
     """hidden (B, l, D): this rank's contiguous slice (all slices equal, l a multiple of block_size).
     Returns the (B, nb) key-block scores of the whole sequence, identical on every rank."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -57,14 +59,15 @@ def sequence_block_scores(parts, hidden: torch.Tensor, position_embeddings, bloc
     scale = parts.scaling * parts.q_prescale
     nbl = length // block_size
     scores = torch.zeros(b, world * nbl, dtype=torch.float32, device=hidden.device)
-    _, own = OracleScorer(kernels)._impl(hidden.device)(q, k, block_size=block_size, scale=scale, doc_ids=None,
-                                                        return_map=False)
-    scores[:, rank * nbl:(rank + 1) * nbl] = own
+    _, own = OracleScorer(kernels)._impl(hidden.device)(
+        q, k, block_size=block_size, scale=scale, doc_ids=None, return_map=False
+    )
+    scores[:, rank * nbl : (rank + 1) * nbl] = own
     k = k.contiguous()
     for src in range(world - 1):  # the last rank's keys precede no other slice
         keys = k if src == rank else torch.empty_like(k)
         dist.broadcast(keys, src=src if group is None else dist.get_global_rank(group, src), group=group)
         if src < rank:
-            scores[:, src * nbl:(src + 1) * nbl] += earlier_key_tile_max(q, keys, block_size, scale).sum(dim=1)
+            scores[:, src * nbl : (src + 1) * nbl] += earlier_key_tile_max(q, keys, block_size, scale).sum(dim=1)
     dist.all_reduce(scores, group=group)
     return scores

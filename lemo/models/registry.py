@@ -13,19 +13,53 @@ from dataclasses import dataclass, field
 import torch
 
 # Shapes as published (config.json of each checkpoint); only fields that change memory or speed.
-_LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                  rms_norm_eps=1e-5, rope_theta=10000.0)
-_LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                  rms_norm_eps=1e-5, rope_theta=500000.0)
+_LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
+_LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+)
 # Mistral-7B-v0.3: the v0.1 shapes with a 32768 vocabulary and no sliding window.
-_MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                   rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None)
-_QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False)
+_MISTRAL_7B = dict(
+    vocab_size=32768,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    sliding_window=None,
+)
+_QWEN25_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    use_sliding_window=False,
+)
 _OPT = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, enable_bias=True)
 
 
@@ -50,8 +84,7 @@ class ModelSpec:
 def _tiny(base: dict, **over) -> dict:
     """A CPU-sized member of a family: same structure (GQA, biases, norms), small dimensions."""
     d = dict(base)
-    d.update(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-             vocab_size=512)
+    d.update(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, vocab_size=512)
     if "num_key_value_heads" in base:
         d["num_key_value_heads"] = 4 if base["num_key_value_heads"] == base["num_attention_heads"] else 2
     d.update(over)
@@ -63,26 +96,73 @@ REGISTRY: dict[str, ModelSpec] = {
     "llama3-8b": ModelSpec("llama3-8b", "llama", _LLAMA3_8B, "meta-llama/Meta-Llama-3-8B"),
     "mistral-7b": ModelSpec("mistral-7b", "mistral", _MISTRAL_7B, "mistralai/Mistral-7B-v0.3"),
     "qwen2.5-7b": ModelSpec("qwen2.5-7b", "qwen2", _QWEN25_7B, "Qwen/Qwen2.5-7B"),
-    "opt-350m": ModelSpec("opt-350m", "opt", dict(_OPT, hidden_size=1024, ffn_dim=4096, num_hidden_layers=24,
-                                                  num_attention_heads=16, word_embed_proj_dim=512,
-                                                  do_layer_norm_before=False), "facebook/opt-350m"),
-    "opt-1.3b": ModelSpec("opt-1.3b", "opt", dict(_OPT, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
-                                                  num_attention_heads=32, word_embed_proj_dim=2048),
-                          "facebook/opt-1.3b"),
-    "opt-2.7b": ModelSpec("opt-2.7b", "opt", dict(_OPT, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
-                                                  num_attention_heads=32, word_embed_proj_dim=2560),
-                          "facebook/opt-2.7b"),
-    "opt-6.7b": ModelSpec("opt-6.7b", "opt", dict(_OPT, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
-                                                  num_attention_heads=32, word_embed_proj_dim=4096),
-                          "facebook/opt-6.7b"),
+    "opt-350m": ModelSpec(
+        "opt-350m",
+        "opt",
+        dict(
+            _OPT,
+            hidden_size=1024,
+            ffn_dim=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            word_embed_proj_dim=512,
+            do_layer_norm_before=False,
+        ),
+        "facebook/opt-350m",
+    ),
+    "opt-1.3b": ModelSpec(
+        "opt-1.3b",
+        "opt",
+        dict(
+            _OPT, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32, word_embed_proj_dim=2048
+        ),
+        "facebook/opt-1.3b",
+    ),
+    "opt-2.7b": ModelSpec(
+        "opt-2.7b",
+        "opt",
+        dict(
+            _OPT,
+            hidden_size=2560,
+            ffn_dim=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            word_embed_proj_dim=2560,
+        ),
+        "facebook/opt-2.7b",
+    ),
+    "opt-6.7b": ModelSpec(
+        "opt-6.7b",
+        "opt",
+        dict(
+            _OPT,
+            hidden_size=4096,
+            ffn_dim=16384,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            word_embed_proj_dim=4096,
+        ),
+        "facebook/opt-6.7b",
+    ),
     # CPU-sized variants of each family (tests and the cpu sweep profile).
     "llama2-tiny": ModelSpec("llama2-tiny", "llama", _tiny(_LLAMA2_7B), "llama2-7b structure, tiny"),
     "llama3-tiny": ModelSpec("llama3-tiny", "llama", _tiny(_LLAMA3_8B), "llama3-8b structure (GQA), tiny"),
     "mistral-tiny": ModelSpec("mistral-tiny", "mistral", _tiny(_MISTRAL_7B), "mistral-7b structure, tiny"),
     "qwen2.5-tiny": ModelSpec("qwen2.5-tiny", "qwen2", _tiny(_QWEN25_7B), "qwen2.5-7b structure (qkv bias), tiny"),
-    "opt-tiny": ModelSpec("opt-tiny", "opt", dict(_OPT, vocab_size=512, hidden_size=64, ffn_dim=160,
-                                                  num_hidden_layers=4, num_attention_heads=4,
-                                                  word_embed_proj_dim=64), "opt-1.3b structure, tiny"),
+    "opt-tiny": ModelSpec(
+        "opt-tiny",
+        "opt",
+        dict(
+            _OPT,
+            vocab_size=512,
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+        ),
+        "opt-1.3b structure, tiny",
+    ),
 }
 
 
@@ -113,16 +193,24 @@ def make_config(spec: ModelSpec, context: int | None = None, attn_implementation
     elif context is not None and context > spec.max_positions:
         raise ValueError(
             f"{spec.name} has learned positions for {spec.max_positions} tokens and cannot take {context}; "
-            f"use a context <= {spec.max_positions} (OPT has no RoPE to rescale)")
+            f"use a context <= {spec.max_positions} (OPT has no RoPE to rescale)"
+        )
     cfg = AutoConfig.for_model(spec.model_type, **fields)
     cfg._attn_implementation = attn_implementation
     cfg.use_cache = False
     return cfg
 
 
-def build_model(name: str, *, context: int | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.bfloat16, checkpoint: str | None = None,
-                attn_implementation: str = "sdpa", seed: int = 0):
+def build_model(
+    name: str,
+    *,
+    context: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    checkpoint: str | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
     """A causal LM for `name`: random weights made on `device`, or `checkpoint` (a local directory).
 
     `context` sets RoPE linear scaling by ceil(context / original context) (RoPE models only).
@@ -130,8 +218,9 @@ def build_model(name: str, *, context: int | None = None, device: str | torch.de
     from transformers import AutoModelForCausalLM
 
     if checkpoint is not None:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=str(device),
-                                                     attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, device_map=str(device), attn_implementation=attn_implementation
+        )
         model.config.use_cache = False
         if context is not None:
             _check_positions(model.config, context)
@@ -155,4 +244,5 @@ def _check_positions(cfg, context: int) -> None:
         need = math.ceil(context / cfg.max_position_embeddings)
         raise ValueError(
             f"checkpoint positions ({cfg.max_position_embeddings} x factor {factor:g}) cannot take {context} tokens; "
-            f"save it with rope_parameters={{'rope_type': 'linear', 'factor': {need}}}")
+            f"save it with rope_parameters={{'rope_type': 'linear', 'factor': {need}}}"
+        )

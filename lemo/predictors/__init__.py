@@ -14,6 +14,19 @@ from .store import PredictorSet, build_predictors
 from .train import map_loss, train_predictors
 from .tuning import tune_thresholds
 
-__all__ = ["LayerPredictor", "PathMLP", "PredictorScorer", "PredictorSet", "build_predictors", "collect_scores",
-           "evaluate_predictors", "load_scorer", "make_scorer", "map_loss", "parameter_count", "recall_rows",
-           "train_predictors", "tune_thresholds"]
+__all__ = [
+    "LayerPredictor",
+    "PathMLP",
+    "PredictorScorer",
+    "PredictorSet",
+    "build_predictors",
+    "collect_scores",
+    "evaluate_predictors",
+    "load_scorer",
+    "make_scorer",
+    "map_loss",
+    "parameter_count",
+    "recall_rows",
+    "train_predictors",
+    "tune_thresholds",
+]

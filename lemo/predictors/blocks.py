@@ -24,8 +24,9 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
-def head_blocks(normed: torch.Tensor, block_size: int, num_heads: int,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def head_blocks(
+    normed: torch.Tensor, block_size: int, num_heads: int, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, L, D) -> (B, nb, H, block_size * D // H), zero-padded; padding tokens zeroed."""
     b, length, d = normed.shape
     if d % num_heads:

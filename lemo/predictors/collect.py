@@ -45,6 +45,7 @@ def run_layers(model, batch, layers: list[int], fn) -> dict:
             results[i] = fn(i, adapter.parts(module), hidden, kwargs.get("position_embeddings"), layout)
             if i == last:
                 raise _Stop
+
         return hook
 
     handles = [decoder.layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in layers]
@@ -66,7 +67,14 @@ def doc_ids_of(layout: TokenLayout) -> torch.Tensor | None:
     return None if layout.is_simple else layout.doc_ids
 
 
-def oracle_block_map(parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
-                     block_size: int, kernels: str = "auto", return_map: bool = True):
+def oracle_block_map(
+    parts: LayerParts,
+    hidden: torch.Tensor,
+    position_embeddings,
+    layout: TokenLayout,
+    block_size: int,
+    kernels: str = "auto",
+    return_map: bool = True,
+):
     """The oracle's (map (B, nb, nb) or None, column sums (B, nb)), fp32: what OracleScorer computes."""
     return OracleScorer(kernels).block_map(parts, hidden, position_embeddings, layout, block_size, return_map)

@@ -30,8 +30,10 @@ def load_model(model: str, context: int | None, dtype: str | None = None, seed: 
         lm = load_extended(Path(model), rope_factor, device, dtype=dt)
     else:
         if rope_factor != 1.0:
-            raise ValueError(f"--rope-factor applies to a checkpoint directory; registry model {model!r} takes its "
-                             "RoPE scaling from --context")
+            raise ValueError(
+                f"--rope-factor applies to a checkpoint directory; registry model {model!r} takes its "
+                "RoPE scaling from --context"
+            )
         lm = build_model(model, context=context, device=device, dtype=dt, seed=seed)
     lm.requires_grad_(False)
     return lm.eval()
@@ -49,23 +51,48 @@ def train_command(args) -> int:
     if args.steps > 0 and not args.corpus:
         raise SystemExit("--corpus is needed to train (use --steps 0 for an untrained predictor set)")
     lm = load_model(args.model, args.context, args.dtype, args.seed, args.rope_factor)
-    data = _corpus_batches(args.corpus, args.split, args.context, args.batch, args.steps, args.seed) \
-        if args.steps > 0 else []
+    data = (
+        _corpus_batches(args.corpus, args.split, args.context, args.batch, args.steps, args.seed)
+        if args.steps > 0
+        else []
+    )
     widths = tuple(int(x) for x in args.widths.split(","))
     sparse = [int(x) for x in args.sparse_layers.split(",")] if args.sparse_layers else None
-    preds = train_predictors(lm, data, sparse_layers=sparse, block_size=args.block_size, widths=widths,
-                             per_head=args.per_head, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                             loss=args.loss, prune_every=args.prune_every, prune_fraction=args.prune_fraction,
-                             min_width=args.min_width, kernels=args.kernels, seed=args.seed,
-                             log=log.info if args.verbose else None, progress=progress_enabled())
-    preds.meta["source"] = {"model": args.model, "corpus": args.corpus, "context": args.context,
-                            "rope_factor": args.rope_factor,
-                            "batch": args.batch, "split": args.split}
+    preds = train_predictors(
+        lm,
+        data,
+        sparse_layers=sparse,
+        block_size=args.block_size,
+        widths=widths,
+        per_head=args.per_head,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        prune_every=args.prune_every,
+        prune_fraction=args.prune_fraction,
+        min_width=args.min_width,
+        kernels=args.kernels,
+        seed=args.seed,
+        log=log.info if args.verbose else None,
+        progress=progress_enabled(),
+    )
+    preds.meta["source"] = {
+        "model": args.model,
+        "corpus": args.corpus,
+        "context": args.context,
+        "rope_factor": args.rope_factor,
+        "batch": args.batch,
+        "split": args.split,
+    }
     out = preds.save(args.out)
     curve = preds.meta["training"]["loss_curve"]
-    log.info(f"{len(preds.layers)} layer predictors, {preds.parameter_count()} parameters "
-             f"({preds.parameter_bytes() / 2**20:.1f} MiB fp32), {len(curve)} steps"
-             + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "") + f" -> {out}")
+    log.info(
+        f"{len(preds.layers)} layer predictors, {preds.parameter_count()} parameters "
+        f"({preds.parameter_bytes() / 2**20:.1f} MiB fp32), {len(curve)} steps"
+        + (f", loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "")
+        + f" -> {out}"
+    )
     return 0
 
 
@@ -87,19 +114,42 @@ def eval_command(args) -> int:
         rows += recall_rows(scores, args.keep_ratio, thresholds)
         path = Path(args.thresholds_out or Path(args.out).with_suffix(".thresholds.json"))
         path.parent.mkdir(parents=True, exist_ok=True)  # written before the recall CSV beside it
-        path.write_text(json.dumps({"threshold": {str(k): v for k, v in thresholds.items()}, "tuning_rows": tuned,
-                                    "keep_ratio": args.keep_ratio, "target_recall": args.target_recall,
-                                    "metric": args.metric, "tuned_on_seed": args.seed + 2,
-                                    "evaluated_on_seed": args.seed + 1}, indent=1) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "threshold": {str(k): v for k, v in thresholds.items()},
+                    "tuning_rows": tuned,
+                    "keep_ratio": args.keep_ratio,
+                    "target_recall": args.target_recall,
+                    "metric": args.metric,
+                    "tuned_on_seed": args.seed + 2,
+                    "evaluated_on_seed": args.seed + 1,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         log.info("thresholds -> %s", path)
     from ..bench.provenance import provenance
 
     prov = {k: v for k, v in provenance(next(lm.parameters()).device).items() if not isinstance(v, (dict, list))}
-    rows = [{**r, "context": args.context, "batches": args.batches, "batch": args.batch, "split": args.split,
-             "dtype": str(next(lm.parameters()).dtype), **prov} for r in rows]
+    rows = [
+        {
+            **r,
+            "context": args.context,
+            "batches": args.batches,
+            "batch": args.batch,
+            "split": args.split,
+            "dtype": str(next(lm.parameters()).dtype),
+            **prov,
+        }
+        for r in rows
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_rows(args.out, rows)
     for r in rows:
-        print(f"layer {r['layer']!s:>4} {r['selection']:9s} recall {r['recall']:.3f} mass {r['mass_recall']:.3f} "
-              f"kept {r['kept_fraction']:.3f}")
+        print(
+            f"layer {r['layer']!s:>4} {r['selection']:9s} recall {r['recall']:.3f} mass {r['mass_recall']:.3f} "
+            f"kept {r['kept_fraction']:.3f}"
+        )
     return 0

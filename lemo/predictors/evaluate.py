@@ -58,9 +58,11 @@ def selection_counts(entries: list, keep_ratio: float = 0.4, threshold: float | 
 
 
 def _metrics(c: dict) -> dict:
-    return dict(recall=c["overlap"] / max(c["oracle_kept"], 1),
-                mass_recall=c["mass_overlap"] / c["mass_oracle"] if c["mass_oracle"] > 0 else 1.0,
-                kept_fraction=c["predicted_kept"] / max(c["valid"], 1))
+    return dict(
+        recall=c["overlap"] / max(c["oracle_kept"], 1),
+        mass_recall=c["mass_overlap"] / c["mass_oracle"] if c["mass_oracle"] > 0 else 1.0,
+        kept_fraction=c["predicted_kept"] / max(c["valid"], 1),
+    )
 
 
 def recall_rows(scores: dict[int, list], keep_ratio: float = 0.4, thresholds: dict[int, float] | None = None) -> list:
@@ -69,16 +71,33 @@ def recall_rows(scores: dict[int, list], keep_ratio: float = 0.4, thresholds: di
     for layer, entries in scores.items():
         th = None if thresholds is None else thresholds[layer]
         c = selection_counts(entries, keep_ratio, th)
-        rows.append(dict(layer=layer, keep_ratio=keep_ratio, selection="topk" if th is None else "threshold",
-                         threshold=th, **_metrics(c), **c))
+        rows.append(
+            dict(
+                layer=layer,
+                keep_ratio=keep_ratio,
+                selection="topk" if th is None else "threshold",
+                threshold=th,
+                **_metrics(c),
+                **c,
+            )
+        )
         total = c if total is None else {k: total[k] + c[k] for k in c}
     if total is not None:
-        rows.append(dict(layer="all", keep_ratio=keep_ratio, selection=rows[0]["selection"], threshold=None,
-                         **_metrics(total), **total))
+        rows.append(
+            dict(
+                layer="all",
+                keep_ratio=keep_ratio,
+                selection=rows[0]["selection"],
+                threshold=None,
+                **_metrics(total),
+                **total,
+            )
+        )
     return rows
 
 
-def evaluate_predictors(model, predictors: PredictorSet, batches: Iterable, keep_ratio: float = 0.4,
-                        kernels: str = "auto") -> list:
+def evaluate_predictors(
+    model, predictors: PredictorSet, batches: Iterable, keep_ratio: float = 0.4, kernels: str = "auto"
+) -> list:
     """Top-k recall rows (per layer and overall) of `predictors` against the oracle on `batches`."""
     return recall_rows(collect_scores(model, predictors, batches, kernels), keep_ratio)

@@ -38,16 +38,24 @@ def model_identity(model, sparse_layers: list[int]) -> dict:
         p = adapter.parts(layers[i])
         fingerprint[f"{i}.q_proj"] = _sample(_base_weight(p.q_proj))
         fingerprint[f"{i}.k_proj"] = _sample(_base_weight(p.k_proj))
-    return {"model_type": cfg.model_type, "hidden_size": int(cfg.hidden_size), "num_layers": len(layers),
-            "num_heads": parts.num_heads, "num_kv_heads": parts.num_kv_heads, "head_dim": parts.head_dim,
-            "vocab_size": int(cfg.vocab_size), "fingerprint": fingerprint}
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": int(cfg.hidden_size),
+        "num_layers": len(layers),
+        "num_heads": parts.num_heads,
+        "num_kv_heads": parts.num_kv_heads,
+        "head_dim": parts.head_dim,
+        "vocab_size": int(cfg.vocab_size),
+        "fingerprint": fingerprint,
+    }
 
 
 def identity_mismatch(saved: dict, model, sparse_layers: list[int]) -> str | None:
     """None when `model` is the model `saved` describes, else a description of the difference."""
     current = model_identity(model, sparse_layers)
-    diffs = [f"{k}: predictors {saved.get(k)!r} vs model {current[k]!r}" for k in ESSENTIALS
-             if saved.get(k) != current[k]]
+    diffs = [
+        f"{k}: predictors {saved.get(k)!r} vs model {current[k]!r}" for k in ESSENTIALS if saved.get(k) != current[k]
+    ]
     if diffs:
         return "; ".join(diffs)
     for key, values in current["fingerprint"].items():

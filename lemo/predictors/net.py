@@ -93,8 +93,16 @@ class PathMLP(nn.Module):
 class LayerPredictor(nn.Module):
     """Predicts one sparse layer's oracle block map from the post-norm hidden state."""
 
-    def __init__(self, num_heads: int, head_dim: int, slice_dim: int, block_size: int = 64,
-                 widths: tuple[int, int] = (128, 64), per_head: bool = False, k_widths: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        slice_dim: int,
+        block_size: int = 64,
+        widths: tuple[int, int] = (128, 64),
+        per_head: bool = False,
+        k_widths: tuple[int, int] | None = None,
+    ):
         super().__init__()
         k_widths = widths if k_widths is None else k_widths  # pruning shrinks each path on its own
         for w in (widths, k_widths):
@@ -118,8 +126,9 @@ class LayerPredictor(nn.Module):
         x = x.view(b * nb, h, n)
         return self.q(x).reshape(b, nb, -1), self.k(x).reshape(b, nb, -1)
 
-    def block_map(self, normed: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def block_map(
+        self, normed: torch.Tensor, doc_ids: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw predicted map (B, nb, nb) fp32: 0 on disallowed tiles, may be negative elsewhere.
 
         `allowed` (from `allowed_tiles`) may be passed when the caller already has it."""

@@ -35,14 +35,21 @@ class PredictorScorer:
         return int(i)
 
     @torch.no_grad()
-    def __call__(self, parts: LayerParts, hidden: torch.Tensor, position_embeddings, layout: TokenLayout,
-                 block_size: int, *, layer: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        parts: LayerParts,
+        hidden: torch.Tensor,
+        position_embeddings,
+        layout: TokenLayout,
+        block_size: int,
+        *,
+        layer: int | None = None,
+    ) -> torch.Tensor:
         i = self.layer_index(parts) if layer is None else layer
         if i not in self.predictors:
             raise ValueError(f"no predictor for layer {i} (predictors cover {self.predictors.layers}); {RETRAIN}")
         if block_size != self.predictors.block_size:
-            raise ValueError(f"predictors were trained for block_size {self.predictors.block_size}, "
-                             f"not {block_size}")
+            raise ValueError(f"predictors were trained for block_size {self.predictors.block_size}, not {block_size}")
         doc_ids = None if layout.is_simple else layout.doc_ids
         return self.predictors[i].scores(parts.attn_norm(hidden), doc_ids)
 
@@ -56,11 +63,14 @@ def load_scorer(path, model, sparse_layers: list[int] | None = None, block_size:
     sparse = predictors.layers if sparse_layers is None else list(sparse_layers)
     missing = [i for i in sparse if i not in predictors]
     if missing:
-        raise ValueError(f"predictors in {path} cover layers {predictors.layers}, not sparse layers {missing}; "
-                         f"{RETRAIN}")
+        raise ValueError(
+            f"predictors in {path} cover layers {predictors.layers}, not sparse layers {missing}; {RETRAIN}"
+        )
     if block_size is not None and block_size != predictors.block_size:
-        raise ValueError(f"predictors in {path} were trained for block_size {predictors.block_size}, the config "
-                         f"uses {block_size}; {RETRAIN} --block-size {block_size}")
+        raise ValueError(
+            f"predictors in {path} were trained for block_size {predictors.block_size}, the config "
+            f"uses {block_size}; {RETRAIN} --block-size {block_size}"
+        )
     bad = identity_mismatch(predictors.meta["identity"], lm, [i for i in predictors.layers if i < len(layers)])
     if bad:
         raise ValueError(f"predictors in {path} belong to another model ({bad}); {RETRAIN}")

@@ -64,8 +64,12 @@ class PredictorSet(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file({k.removeprefix("predictors."): v for k, v in state.items()}, str(out / WEIGHTS))
-        meta = dict(self.meta, format=FORMAT, layers={str(i): w for i, w in self.widths().items()},
-                    parameters=self.parameter_count())
+        meta = dict(
+            self.meta,
+            format=FORMAT,
+            layers={str(i): w for i, w in self.widths().items()},
+            parameters=self.parameter_count(),
+        )
         (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return out
 
@@ -75,8 +79,10 @@ class PredictorSet(nn.Module):
 
         path = Path(directory)
         if not (path / META).exists() or not (path / WEIGHTS).exists():
-            raise ValueError(f"{path} holds no predictors ({META} + {WEIGHTS}); write them with "
-                             "`lemo train-predictors --model MODEL --corpus DIR --out DIR`")
+            raise ValueError(
+                f"{path} holds no predictors ({META} + {WEIGHTS}); write them with "
+                "`lemo train-predictors --model MODEL --corpus DIR --out DIR`"
+            )
         try:
             meta = json.loads((path / META).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -93,21 +99,35 @@ class PredictorSet(nn.Module):
             g = meta["geometry"]
             preds = {}
             for key, w in meta["layers"].items():
-                preds[int(key)] = LayerPredictor(g["num_heads"], g["head_dim"], g["slice_dim"], meta["block_size"],
-                                                 tuple(w["q"]), per_head=meta["per_head"], k_widths=tuple(w["k"]))
+                preds[int(key)] = LayerPredictor(
+                    g["num_heads"],
+                    g["head_dim"],
+                    g["slice_dim"],
+                    meta["block_size"],
+                    tuple(w["q"]),
+                    per_head=meta["per_head"],
+                    k_widths=tuple(w["k"]),
+                )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path / META}: malformed layers or geometry ({type(err).__name__}: {err})") from err
         out = cls(preds, {k: v for k, v in meta.items() if k not in ("layers", "parameters")})
         try:
             out.predictors.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
         except Exception as err:  # safetensors' own error types, or missing / mis-shaped tensors
-            raise ValueError(f"{path / WEIGHTS}: cannot load the predictor weights ({type(err).__name__}: "
-                             f"{str(err)[:300]})") from err
+            raise ValueError(
+                f"{path / WEIGHTS}: cannot load the predictor weights ({type(err).__name__}: {str(err)[:300]})"
+            ) from err
         return out.to(device=device, dtype=dtype)
 
 
-def build_predictors(model, sparse_layers: list[int] | None = None, block_size: int = 64,
-                     widths: tuple[int, int] = (128, 64), per_head: bool = False, seed: int = 0) -> PredictorSet:
+def build_predictors(
+    model,
+    sparse_layers: list[int] | None = None,
+    block_size: int = 64,
+    widths: tuple[int, int] = (128, 64),
+    per_head: bool = False,
+    seed: int = 0,
+) -> PredictorSet:
     """Freshly initialised (seeded) fp32 predictors for `model`'s sparse layers, on the model's device."""
     lm = unwrap(model)
     adapter = get_adapter(lm.config.model_type)
@@ -119,10 +139,22 @@ def build_predictors(model, sparse_layers: list[int] | None = None, block_size: 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        preds = {i: LayerPredictor(geometry["num_heads"], geometry["head_dim"], geometry["slice_dim"], block_size,
-                                   tuple(widths), per_head) for i in sparse}
+        preds = {
+            i: LayerPredictor(
+                geometry["num_heads"], geometry["head_dim"], geometry["slice_dim"], block_size, tuple(widths), per_head
+            )
+            for i in sparse
+        }
     finally:
         torch.random.set_rng_state(gen_state)
-    meta = {"block_size": block_size, "sparse_layers": sparse, "geometry": geometry, "per_head": per_head,
-            "initial_widths": list(widths), "seed": seed, "identity": model_identity(lm, sparse), "training": None}
+    meta = {
+        "block_size": block_size,
+        "sparse_layers": sparse,
+        "geometry": geometry,
+        "per_head": per_head,
+        "initial_widths": list(widths),
+        "seed": seed,
+        "identity": model_identity(lm, sparse),
+        "training": None,
+    }
     return PredictorSet(preds, meta).to(device=lm.get_input_embeddings().weight.device)

@@ -32,8 +32,14 @@ from .store import PredictorSet, build_predictors
 LOSSES = ("smooth_l1", "mse")
 
 
-def map_loss(pred: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor, kind: str = "smooth_l1",
-             normalize: bool = True, beta: float = 1.0) -> torch.Tensor:
+def map_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    allowed: torch.Tensor,
+    kind: str = "smooth_l1",
+    normalize: bool = True,
+    beta: float = 1.0,
+) -> torch.Tensor:
     """Mean elementwise loss over allowed tiles; see the module docstring for `normalize`."""
     allowed = allowed.expand_as(target)
     if normalize:
@@ -49,13 +55,30 @@ def map_loss(pred: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor, ki
     return err[allowed].mean()
 
 
-def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | None = None,
-                     sparse_layers: list[int] | None = None, block_size: int = 64, widths=(128, 64),
-                     per_head: bool = False, steps: int | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
-                     loss: str = "smooth_l1", normalize: bool = True, grad_clip: float | None = 1.0,
-                     prune_every: int = 0, prune_fraction: float = 0.1, min_width: int = 8,
-                     min_zero_freq: float = 0.0, kernels: str = "auto", seed: int = 0, log=None,
-                     progress: bool = False) -> PredictorSet:
+def train_predictors(
+    model,
+    batches: Iterable,
+    *,
+    predictors: PredictorSet | None = None,
+    sparse_layers: list[int] | None = None,
+    block_size: int = 64,
+    widths=(128, 64),
+    per_head: bool = False,
+    steps: int | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    loss: str = "smooth_l1",
+    normalize: bool = True,
+    grad_clip: float | None = 1.0,
+    prune_every: int = 0,
+    prune_fraction: float = 0.1,
+    min_width: int = 8,
+    min_zero_freq: float = 0.0,
+    kernels: str = "auto",
+    seed: int = 0,
+    log=None,
+    progress: bool = False,
+) -> PredictorSet:
     """Train (or, with steps=0, just initialise) predictors for `model`'s sparse layers.
 
     `batches`: an iterable of (B, L) LongTensors (or dicts with input_ids and optional attention_mask /
@@ -115,8 +138,13 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
             changes = prune_set(predictors, prune_fraction, min_width, min_zero_freq)
             if changes:
                 optimizer = rebuild_optimizer(optimizer, predictors.parameters(), changes)
-            prunes.append({"step": step, "parameters": predictors.parameter_count(),
-                           "widths": {str(i): w for i, w in predictors.widths().items()}})
+            prunes.append(
+                {
+                    "step": step,
+                    "parameters": predictors.parameter_count(),
+                    "widths": {str(i): w for i, w in predictors.widths().items()},
+                }
+            )
             if log is not None:
                 log(f"step {step}: pruned to {predictors.parameter_count()} parameters")
     if bar is not None:
@@ -124,8 +152,19 @@ def train_predictors(model, batches: Iterable, *, predictors: PredictorSet | Non
     predictors.set_tracking(False)
     predictors.eval()
     predictors.meta["training"] = {
-        "steps": step, "tokens": tokens, "lr": lr, "weight_decay": weight_decay, "loss": loss,
-        "normalize": normalize, "grad_clip": grad_clip, "prune_every": prune_every, "prune_fraction": prune_fraction,
-        "min_width": min_width, "seconds": round(time.perf_counter() - start, 3), "loss_curve": curve,
-        "layer_loss_curve": {str(i): v for i, v in layer_curve.items()}, "prune_events": prunes}
+        "steps": step,
+        "tokens": tokens,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "loss": loss,
+        "normalize": normalize,
+        "grad_clip": grad_clip,
+        "prune_every": prune_every,
+        "prune_fraction": prune_fraction,
+        "min_width": min_width,
+        "seconds": round(time.perf_counter() - start, 3),
+        "loss_curve": curve,
+        "layer_loss_curve": {str(i): v for i, v in layer_curve.items()},
+        "prune_events": prunes,
+    }
     return predictors

@@ -25,9 +25,17 @@ from .evaluate import _metrics, selection_counts
 METRICS = ("blocks", "mass")
 
 
-def tune_thresholds(scores: dict[int, list], keep_ratio: float = 0.4, target_recall: float = 0.9,
-                    metric: str = "blocks", iters: int = 20, lr: float = 0.5, delta: float = 0.1,
-                    penalty: float = 10.0, max_step: float = 0.5) -> tuple[dict[int, float], list[dict]]:
+def tune_thresholds(
+    scores: dict[int, list],
+    keep_ratio: float = 0.4,
+    target_recall: float = 0.9,
+    metric: str = "blocks",
+    iters: int = 20,
+    lr: float = 0.5,
+    delta: float = 0.1,
+    penalty: float = 10.0,
+    max_step: float = 0.5,
+) -> tuple[dict[int, float], list[dict]]:
     """({layer: threshold}, rows) from `evaluate.collect_scores` output."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -51,8 +59,11 @@ def tune_thresholds(scores: dict[int, list], keep_ratio: float = 0.4, target_rec
             m = measure(t)
             if m[key] < target_recall:
                 return False
-            return best is None or m["kept_fraction"] < measure(best)["kept_fraction"] or (
-                m["kept_fraction"] == measure(best)["kept_fraction"] and t > best)
+            return (
+                best is None
+                or m["kept_fraction"] < measure(best)["kept_fraction"]
+                or (m["kept_fraction"] == measure(best)["kept_fraction"] and t > best)
+            )
 
         u, best = 0.0, None
         for k in range(iters):
@@ -78,7 +89,17 @@ def tune_thresholds(scores: dict[int, list], keep_ratio: float = 0.4, target_rec
                 t = 0.0
         m = measure(t)
         thresholds[layer] = float(t)
-        rows.append(dict(layer=layer, threshold=float(t), metric=metric, target_recall=target_recall,
-                         recall=m["recall"], mass_recall=m["mass_recall"], kept_fraction=m["kept_fraction"],
-                         feasible=m[key] >= target_recall, evaluations=len(cache)))
+        rows.append(
+            dict(
+                layer=layer,
+                threshold=float(t),
+                metric=metric,
+                target_recall=target_recall,
+                recall=m["recall"],
+                mass_recall=m["mass_recall"],
+                kept_fraction=m["kept_fraction"],
+                feasible=m[key] >= target_recall,
+                evaluations=len(cache),
+            )
+        )
     return thresholds, rows

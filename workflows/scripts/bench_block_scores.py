@@ -10,9 +10,9 @@ import sys
 import torch
 import triton
 
-from lemo.kernels.block_scores import block_scores, block_scores_torch
 from lemo.bench.provenance import provenance
 from lemo.bench.results import write_rows
+from lemo.kernels.block_scores import block_scores, block_scores_torch
 
 
 def main(out, contexts):
@@ -27,14 +27,32 @@ def main(out, contexts):
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                ms = triton.testing.do_bench(lambda: fn(q, k, return_map=False), warmup=50, rep=300,
-                                             return_mode="median")
+                ms = triton.testing.do_bench(
+                    lambda: fn(q, k, return_map=False), warmup=50, rep=300, return_mode="median"
+                )
                 extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-                rows.append(dict(kernel="block_scores", impl=name, context=length, hq=hq, hkv=hkv, ms=ms,
-                                 tflops=flops / ms / 1e9, extra_mib=extra, gpu=prov["gpu"], driver=prov["driver"],
-                                 torch=prov["torch"], triton=prov["triton"], git_commit=prov["git_commit"]))
-                print(f"{name:7s} L={length:6d} hq={hq} hkv={hkv}: {ms:8.2f} ms {rows[-1]['tflops']:6.1f} TFLOP/s "
-                      f"+{extra:.0f} MiB", flush=True)
+                rows.append(
+                    dict(
+                        kernel="block_scores",
+                        impl=name,
+                        context=length,
+                        hq=hq,
+                        hkv=hkv,
+                        ms=ms,
+                        tflops=flops / ms / 1e9,
+                        extra_mib=extra,
+                        gpu=prov["gpu"],
+                        driver=prov["driver"],
+                        torch=prov["torch"],
+                        triton=prov["triton"],
+                        git_commit=prov["git_commit"],
+                    )
+                )
+                print(
+                    f"{name:7s} L={length:6d} hq={hq} hkv={hkv}: {ms:8.2f} ms {rows[-1]['tflops']:6.1f} TFLOP/s "
+                    f"+{extra:.0f} MiB",
+                    flush=True,
+                )
     write_rows(out, rows)
 
 

@@ -40,8 +40,9 @@ def copy_bandwidth(gib=4):
     y = torch.empty_like(x)
     ms, best = _median_ms(lambda: y.copy_(x))
     moved = 2 * x.numel() * x.element_size()
-    return dict(ceiling="copy_d2d", size=f"{gib} GiB bf16", ms=ms, value=moved / ms / 1e6, best=moved / best / 1e6,
-                unit="GB/s")
+    return dict(
+        ceiling="copy_d2d", size=f"{gib} GiB bf16", ms=ms, value=moved / ms / 1e6, best=moved / best / 1e6, unit="GB/s"
+    )
 
 
 def matmul_throughput(n=8192):
@@ -50,8 +51,9 @@ def matmul_throughput(n=8192):
     out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
     ms, best = _median_ms(lambda: torch.mm(a, b, out=out))
     flops = 2 * n**3
-    return dict(ceiling="matmul_bf16", size=f"{n}^3", ms=ms, value=flops / ms / 1e9, best=flops / best / 1e9,
-                unit="TFLOP/s")
+    return dict(
+        ceiling="matmul_bf16", size=f"{n}^3", ms=ms, value=flops / ms / 1e9, best=flops / best / 1e9, unit="TFLOP/s"
+    )
 
 
 def main(out_path):
@@ -68,8 +70,11 @@ def main(out_path):
         torch.cuda.empty_cache()
         row.update({k: prov.get(k) for k in keys})
         rows.append(row)
-        print(f"{row['ceiling']:12s} {row.get('value', float('nan')):9.1f} {row.get('unit', '')} "
-              f"(median of {RUNS}; best {row.get('best', float('nan')):.1f}) [{row['status']}]", flush=True)
+        print(
+            f"{row['ceiling']:12s} {row.get('value', float('nan')):9.1f} {row.get('unit', '')} "
+            f"(median of {RUNS}; best {row.get('best', float('nan')):.1f}) [{row['status']}]",
+            flush=True,
+        )
     write_rows(out_path, rows)
 
 

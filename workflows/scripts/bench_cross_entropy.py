@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from lemo.bench.provenance import provenance
-from lemo.segment_loss import segmented_lm_loss
 from lemo.bench.results import write_rows
+from lemo.segment_loss import segmented_lm_loss
 
 D, V, SEGMENT = 4096, 32000, 4096
 CONTEXTS = [8192, 16384, 32768, 65536, 131072]
@@ -49,6 +49,7 @@ def impls(segment: int = SEGMENT) -> dict:
     def segmented(kernel):
         def fn(h, head, labels):
             return torch.autograd.grad(segmented_lm_loss(h, head, labels, segment, kernel=kernel), h)[0]
+
         return fn
 
     out = {"plain": plain, "torch": segmented("torch"), "triton": segmented("triton")}
@@ -151,18 +152,35 @@ def main(out, contexts, d=D, v=V, segment=SEGMENT, device="cuda", dtype=torch.bf
     for length in contexts:
         for name in ["plain", "torch", "triton", "liger"]:
             if name not in fns:
-                row = dict(impl=name, context=length, status="unavailable", ms=math.nan,
-                           matmul_tflops=math.nan, extra_mib=math.nan)
+                row = dict(
+                    impl=name,
+                    context=length,
+                    status="unavailable",
+                    ms=math.nan,
+                    matmul_tflops=math.nan,
+                    extra_mib=math.nan,
+                )
             else:
                 row = bench_one(name, fns[name], length, d, v, device, dtype)
             is_triton = name == "triton"
-            row.update(kernel="head_cross_entropy", d=d, v=v, dtype=str(dtype).replace("torch.", ""),
-                       segment=segment if name in ("torch", "triton") else ("auto" if name == "liger" else length),
-                       matmuls=MATMULS[name], ce_kernel_ms=ce_ms if is_triton else math.nan,
-                       ce_kernel_gbps=ce_gbps if is_triton else math.nan, **meta)
+            row.update(
+                kernel="head_cross_entropy",
+                d=d,
+                v=v,
+                dtype=str(dtype).replace("torch.", ""),
+                segment=segment if name in ("torch", "triton") else ("auto" if name == "liger" else length),
+                matmuls=MATMULS[name],
+                ce_kernel_ms=ce_ms if is_triton else math.nan,
+                ce_kernel_gbps=ce_gbps if is_triton else math.nan,
+                **meta,
+            )
             rows.append(row)
-            print(f"{name:6s} L={length:6d}: {row['status']:11s} {row['ms']:9.2f} ms "
-                  f"{row['matmul_tflops']:6.1f} TFLOP/s  +{math.nan if row['extra_mib'] is None else row['extra_mib']:8.0f} MiB", flush=True)
+            print(
+                f"{name:6s} L={length:6d}: {row['status']:11s} {row['ms']:9.2f} ms "
+                f"{row['matmul_tflops']:6.1f} TFLOP/s  "
+                f"+{math.nan if row['extra_mib'] is None else row['extra_mib']:8.0f} MiB",
+                flush=True,
+            )
     write_rows(out, rows)
     return rows
 

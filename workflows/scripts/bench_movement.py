@@ -28,11 +28,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from lemo.kernels import movement as mv
-from lemo.norm import RMSNormFunction
-from lemo.kernels.rows import scatter_add_rows
 from lemo.bench.provenance import provenance
 from lemo.bench.results import write_rows
+from lemo.kernels import movement as mv
+from lemo.kernels.rows import scatter_add_rows
+from lemo.norm import RMSNormFunction
 
 D, BLOCK, KEEP, EPS, DTYPE, DEVICE = 4096, 64, 0.4, 1e-5, torch.bfloat16, "cuda"
 WARMUP, STEPS = 3, 10
@@ -75,8 +75,14 @@ def _nbytes(t):
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-_FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.detach.default,
-         aten.lift_fresh.default, aten.alias.default}  # allocations and aliases move nothing
+_FREE = {
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.detach.default,
+    aten.lift_fresh.default,
+    aten.alias.default,
+}  # allocations and aliases move nothing
 _INDEX_READ = {aten.index_select.default, aten.index.Tensor}  # read the selected rows, write them
 
 
@@ -106,8 +112,19 @@ class ByteCounter(TorchDispatchMode):
             values = args[2]
             copy = 0 if packet is aten.index_put_ else 2 * _nbytes(args[0])
             self.bytes += copy + 2 * _nbytes(values) + sum(_nbytes(i) for i in args[1] if i is not None)
-        elif packet in (aten.zeros, aten.zero_, aten.fill_, aten.full, aten.ones, aten.zeros_like, aten.ones_like,
-                        aten.full_like, aten.new_zeros, aten.new_full, aten.new_ones):
+        elif packet in (
+            aten.zeros,
+            aten.zero_,
+            aten.fill_,
+            aten.full,
+            aten.ones,
+            aten.zeros_like,
+            aten.ones_like,
+            aten.full_like,
+            aten.new_zeros,
+            aten.new_full,
+            aten.new_ones,
+        ):
             self.bytes += sum(_nbytes(t) for t in tensors_out)
         else:
             self.bytes += sum(_nbytes(t) for t in tensors_in) + sum(_nbytes(t) for t in tensors_out)
@@ -140,9 +157,11 @@ KERNEL_BYTES = {
     "_scatter_rows_kernel": lambda src, idx, dst, k, d: _rows(k, d, src, dst) + _nbytes(idx),
     "_add_rows_kernel": lambda base, idx, rows, k, d: _rows(k, d, base, base, rows) + _nbytes(idx),
     "_load_rms_norm_fwd_kernel": lambda x, idx, w, out, rstd, k, d, eps: (
-        _rows(k, d, x, out) + _nbytes(w) + _nbytes(rstd) + _nbytes(idx)),
+        _rows(k, d, x, out) + _nbytes(w) + _nbytes(rstd) + _nbytes(idx)
+    ),
     "_load_rms_norm_bwd_kernel": lambda g, y, w, rstd, idx, dx, k, d: (
-        _rows(k, d, g, y, dx) + _nbytes(w) + _nbytes(rstd) + _nbytes(idx)),
+        _rows(k, d, g, y, dx) + _nbytes(w) + _nbytes(rstd) + _nbytes(idx)
+    ),
 }
 
 
@@ -244,9 +263,12 @@ def main(out_path, contexts):
             torch.cuda.empty_cache()
             row.update({k: prov.get(k) for k in keys})
             rows.append(row)
-            print(f"{name:7s} L={length:7d} K={kept:7d}: {row.get('ms', float('nan')):8.3f} ms "
-                  f"+{row.get('peak_extra_mib', float('nan')):8.0f} MiB {row.get('gbps', float('nan')):7.0f} GB/s "
-                  f"[{row['status']}] ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{name:7s} L={length:7d} K={kept:7d}: {row.get('ms', float('nan')):8.3f} ms "
+                f"+{row.get('peak_extra_mib', float('nan')):8.0f} MiB {row.get('gbps', float('nan')):7.0f} GB/s "
+                f"[{row['status']}] ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
         del inputs, grad
         torch.cuda.empty_cache()
     write_rows(out_path, rows)

@@ -13,14 +13,14 @@ import sys
 
 import torch
 
+from lemo.bench.provenance import provenance
+from lemo.bench.results import write_rows
 from lemo.config import LeMoConfig
 from lemo.layout import TokenLayout
 from lemo.models.adapters import get_adapter
 from lemo.models.registry import get_spec, make_config
 from lemo.predictors import LayerPredictor, PredictorScorer, PredictorSet
-from lemo.bench.provenance import provenance
 from lemo.scoring import OracleScorer
-from lemo.bench.results import write_rows
 
 WIDTHS = [(128, 64), (64, 32)]
 BLOCK = 64
@@ -72,26 +72,53 @@ def main(out, contexts):
         layout = TokenLayout(torch.zeros(1, length, dtype=torch.int32, device="cuda"))
         scorers = [("oracle", None, OracleScorer("auto"), 0, 0)]
         for widths in WIDTHS:
-            preds = PredictorSet({i: LayerPredictor(parts.num_heads, parts.head_dim, cfg.hidden_size // parts.num_heads,
-                                                    BLOCK, widths) for i in sparse}, {"block_size": BLOCK})
+            preds = PredictorSet(
+                {
+                    i: LayerPredictor(
+                        parts.num_heads, parts.head_dim, cfg.hidden_size // parts.num_heads, BLOCK, widths
+                    )
+                    for i in sparse
+                },
+                {"block_size": BLOCK},
+            )
             preds.to(device="cuda", dtype=torch.bfloat16)
-            scorers.append(("predictor", widths, PredictorScorer(preds), preds.parameter_count(),
-                            preds.parameter_bytes()))
+            scorers.append(
+                ("predictor", widths, PredictorScorer(preds), preds.parameter_count(), preds.parameter_bytes())
+            )
         for name, widths, scorer, n_params, n_bytes in scorers:
+
             def run():
                 for i in sparse:
-                    scorer(parts, hidden, position_embeddings, layout, BLOCK, **({"layer": i} if widths else {}))
+                    # hidden and position_embeddings are bound above (deleted only after the loop)
+                    scorer(parts, hidden, position_embeddings, layout, BLOCK, **({"layer": i} if widths else {}))  # noqa: F821
 
             with torch.no_grad():
                 reps = 5 if name == "oracle" else 10
                 ms = _time(run, warmup=2, reps=reps)
                 extra = _peak_extra_mib(run)
-            rows.append(dict(bench="predictor_scoring", model="llama2-7b", context=length, scorer=name,
-                             widths="" if widths is None else f"{widths[0]},{widths[1]}", layers=len(sparse),
-                             block_size=BLOCK, ms=ms, ms_per_layer=ms / len(sparse), peak_extra_mib=extra,
-                             predictor_params=n_params, predictor_bytes=n_bytes, dtype="bfloat16", **prov))
-            print(f"L={length:6d} {name:9s} {rows[-1]['widths']:7s}: {ms:9.2f} ms ({ms / len(sparse):7.2f}/layer) "
-                  f"+{extra:7.0f} MiB  params {n_params}", flush=True)
+            rows.append(
+                dict(
+                    bench="predictor_scoring",
+                    model="llama2-7b",
+                    context=length,
+                    scorer=name,
+                    widths="" if widths is None else f"{widths[0]},{widths[1]}",
+                    layers=len(sparse),
+                    block_size=BLOCK,
+                    ms=ms,
+                    ms_per_layer=ms / len(sparse),
+                    peak_extra_mib=extra,
+                    predictor_params=n_params,
+                    predictor_bytes=n_bytes,
+                    dtype="bfloat16",
+                    **prov,
+                )
+            )
+            print(
+                f"L={length:6d} {name:9s} {rows[-1]['widths']:7s}: {ms:9.2f} ms ({ms / len(sparse):7.2f}/layer) "
+                f"+{extra:7.0f} MiB  params {n_params}",
+                flush=True,
+            )
         del layer, rope, hidden, position_embeddings, scorers
         torch.cuda.empty_cache()
     write_rows(out, rows)
