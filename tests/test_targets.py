@@ -2,9 +2,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from lemo.bench.goals import goals, load_goals
 from lemo.bench.results import ratios, strongest_ratios
-from lemo.bench.targets import METHOD_FIELDS, SWEEPS, target_rows, targets_table
+from lemo.bench.targets import METHOD_FIELDS, target_rows, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -17,7 +19,9 @@ def _row(rows, start):
 def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
     rows = target_rows(RESULTS)
     runs = []
-    for name in SWEEPS:  # independent of strongest_ratios: per sweep and commit, min over LoRA rows / each LeMo
+    for (
+        name
+    ) in goals().target_sweeps:  # independent of strongest_ratios: per sweep and commit, min over LoRA rows / each LeMo
         csv = RESULTS / name / "sweep.csv"
         if not csv.exists():
             continue
@@ -176,3 +180,19 @@ def test_never_slower_reads_the_default_from_records_resolved_options(tmp_path):
     frame.loc[frame.method == "lemo-a", "value"] = 1.1
     frame.to_csv(tmp_path / "h200" / "sweep.csv", index=False)
     assert _row(target_rows(tmp_path), "never slower").met == "no"
+
+
+def test_goals_file_is_typed_and_strict(tmp_path):
+    g = load_goals()
+    assert [t.metric for t in g.ratio_targets] == ["peak_allocated_gib", "step_s"] and g.quality.memory_ratio == 1.8
+    assert "h200-target8k" in g.target_sweeps and g.predictors.recall == 0.97
+    text = (ROOT / "workflows/goals.yaml").read_text()
+    for bad, message in [
+        (text.replace("goal: 2.0", "goal: two"), "goal must be a number"),
+        (text.replace("memory_ratio: 1.8", "memory_ratio: 1.8\n  memory: 2"), "unknown fields"),
+        (text.replace("target_sweeps:", "sweeps:"), "sections must be exactly"),
+    ]:
+        path = tmp_path / "g.yaml"
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            load_goals(path)

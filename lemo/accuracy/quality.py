@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..bench.figures import method_color
+from ..bench.goals import goals
 from .fidelity import summarize
 
 BASE_LABELS = ("pretrained", "pretrained+PI")
 # Where the project's quality goals sit (issue #11), against dense LoRA in the same experiment.
-GOALS = {"ppl_delta_pct": 2.0, "retrieval_delta_pts": -5.0, "memory_ratio": 1.8}
 
 
 def collect_runs(runs: Path) -> pd.DataFrame:
@@ -90,9 +90,10 @@ def frontier(ppl: pd.DataFrame, ret: pd.DataFrame, mem: pd.DataFrame | None, con
         f = f.merge(mean_ret, on="label", how="left")
     if mem is not None:
         f = f.merge(mem, on="label", how="left")
-        ok = (f["delta_pct"] <= GOALS["ppl_delta_pct"]) & (f["memory_ratio"] >= GOALS["memory_ratio"])
+        q = goals().quality
+        ok = (f["delta_pct"] <= q.ppl_delta_pct) & (f["memory_ratio"] >= q.memory_ratio)
         if "delta_pts" in f:
-            ok &= f["delta_pts"] >= GOALS["retrieval_delta_pts"]
+            ok &= f["delta_pts"] >= q.retrieval_delta_pts
         f["meets_goal"] = ok.where(f["memory_ratio"].notna() & ~f.label.isin(["lora", *BASE_LABELS]))
     return f
 
@@ -102,17 +103,15 @@ def _md(df: pd.DataFrame, floatfmt=".3f") -> str:
 
 
 def paper_points(reference_csv: Path) -> list[dict]:
-    """The paper's Llama-2-7B quality deltas (LoRA -> LeMo perplexity, accuracy.report.PAPER) at its own
+    """The paper's Llama-2-7B quality deltas (LoRA -> LeMo perplexity, workflows/goals.yaml) at its own
     artifact's memory saving at 8K (reference CSV: LoRA / LeMo peak allocated, A800, no recomputation)."""
-    from .report import PAPER
-
     ref = pd.read_csv(reference_csv)
     at = ref[(ref.metric == "peak_allocated_mib") & (ref.model == "llama2") & (ref.context == 8192) & ~ref.recompute]
     by = at.set_index("method").value
     ratio = by["lora"] / by["jenga"]
     return [
         {"label": f"paper {data} {ctx // 1024}K", "memory_ratio": ratio, "ppl_delta_pct": 100 * (lemo / lora - 1)}
-        for data, ctx, lora, lemo in PAPER
+        for data, ctx, lora, lemo in ((p.dataset, p.context, p.lora, p.lemo) for p in goals().paper_perplexity)
     ]
 
 
@@ -151,8 +150,8 @@ def draw_frontier(ax, front: pd.DataFrame, paper: list[dict], title: str | None 
             va="center",
             fontsize=7,
         )
-    ax.axhline(GOALS["ppl_delta_pct"], color="grey", ls="--", lw=0.8)
-    ax.axvline(GOALS["memory_ratio"], color="grey", ls="--", lw=0.8)
+    ax.axhline(goals().quality.ppl_delta_pct, color="grey", ls="--", lw=0.8)
+    ax.axvline(goals().quality.memory_ratio, color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=10)  # the paper's schedule sits an order of magnitude above the rest
     top = max([10.0, f.delta_pct.max() * 1.5 if len(f) else 10.0] + [p["ppl_delta_pct"] * 1.5 for p in paper])
     ticks = [t for t in (-5, 0, 2, 5, 10, 20, 50, 100, 200) if t <= top]
@@ -296,8 +295,8 @@ def write_quality_report(
     written.append(out / "frontier.csv")
     parts.append(
         f"## Frontier: quality at {longest // 1024}K against memory saving at 8K (Llama-2-7B, H200)\n\n"
-        f"Goal: perplexity within +{GOALS['ppl_delta_pct']}% of LoRA, retrieval within "
-        f"{-GOALS['retrieval_delta_pts']:.0f} points, memory saving >= {GOALS['memory_ratio']}x.\n\n"
+        f"Goal: perplexity within +{goals().quality.ppl_delta_pct}% of LoRA, retrieval within "
+        f"{-goals().quality.retrieval_delta_pts:.0f} points, memory saving >= {goals().quality.memory_ratio}x.\n\n"
         + _md(front)
         + "\n"
     )

@@ -18,10 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..bench.figures import method_color  # noqa: E402
+from ..bench.goals import goals  # noqa: E402
 from ..bench.report import update_readme  # noqa: E402
 
 # The paper (LeMo, Table: perplexity after context extension, Llama-2-7B), LoRA -> LeMo.
-PAPER = [("PG19", 16384, 6.87, 7.08), ("proof-pile", 16384, 2.57, 2.70)]
 ORDER = ["pretrained", "pretrained+PI", "lora", "longlora", "lemo-token", "lemo-channel", "lemo-predictor"]
 
 
@@ -90,7 +90,8 @@ def training_table(frame: pd.DataFrame) -> str:
 
 def paper_table() -> str:
     lines = ["| paper (Llama-2-7B) | context | LoRA | LeMo | delta |", "|---|---|---|---|---|"]
-    for data, ctx, lora, lemo in PAPER:
+    for p in goals().paper_perplexity:
+        data, ctx, lora, lemo = p.dataset, p.context, p.lora, p.lemo
         lines.append(f"| {data} | {ctx // 1024}K | {lora:.2f} | {lemo:.2f} | {100 * (lemo / lora - 1):+.1f}% |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .goals import RatioTarget, goals
 from .results import memory_metric, strongest_ratios, wide
 
 
@@ -59,20 +60,15 @@ def _pivot_table(
     return "\n".join(lines)
 
 
-# Targets we can read off a sweep: (label, model, recompute, context, metric, target ratio, paper ratio)
-TARGETS = [
-    ("peak memory, 8K, no recomputation", "llama2-7b", False, 8192, "peak_allocated_gib", 2.0, 1.64),
-    ("step time, 64K, with recomputation", "llama2-7b", True, 65536, "step_s", 1.5, 1.38),
-]
-
-
-def target_points(frame: pd.DataFrame, target: tuple, same_run: bool = False) -> pd.DataFrame:
-    """`strongest_ratios` of the LeMo variants at one TARGETS point (method, then backend order): each
-    against the strongest LoRA-family row of the point on any backend, plain LoRA beside it."""
-    _, model, gc, context, metric, _, _ = target
-    r = strongest_ratios(frame, metric, same_run=same_run)
+def target_points(frame: pd.DataFrame, target: RatioTarget, same_run: bool = False) -> pd.DataFrame:
+    """`strongest_ratios` of the LeMo variants at one ratio target's point (method, then backend order):
+    each against the strongest LoRA-family row of the point on any backend, plain LoRA beside it."""
+    r = strongest_ratios(frame, target.metric, same_run=same_run)
     r = r[
-        (r.model == model) & (r.gradient_checkpointing == gc) & (r.context == context) & r.method.str.startswith("lemo")
+        (r.model == target.model)
+        & (r.gradient_checkpointing == target.gradient_checkpointing)
+        & (r.context == target.context)
+        & r.method.str.startswith("lemo")
     ]
     return r.sort_values(["method", "attention"])
 
@@ -85,8 +81,8 @@ def targets(frame: pd.DataFrame) -> str:
         "plain LoRA, same backend | ratio | target | paper (A800, plain LoRA) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in TARGETS:
-        label, model, _, _, _, goal, paper = t
+    for t in goals().ratio_targets:
+        label, model, goal, paper = t.label, t.model, t.goal, t.paper
         for r in target_points(frame, t).itertuples():
             plain = "" if pd.isna(r.lora) else f"{r.lora:.2f} | {r.lora_ratio:.2f}x"
             lines.append(
@@ -97,10 +93,6 @@ def targets(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-# Memory budgets we can read off a sweep: (label, model, recompute, context, budget in GiB).
-BUDGETS = [
-    ("one step, 256K, with recomputation, within 80 GiB", "llama2-7b", True, 262144, 80.0),
-]
 MEMORY_VIEWS = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
 
 
@@ -122,8 +114,9 @@ def budgets(frame: pd.DataFrame) -> str:
         "device peak, NVML (GiB) | within |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, model, gc, context, budget in BUDGETS:
-        pts = w[(w.model == model) & (w.gradient_checkpointing == gc) & (w.context == context)]
+    for b in goals().budgets:
+        label, model, budget = b.label, b.model, b.budget_gib
+        pts = w[(w.model == model) & (w.gradient_checkpointing == b.gradient_checkpointing) & (w.context == b.context)]
         pts = pts.assign(largest=largest_memory_view(pts))
         for r in pts.sort_values(["attention", "method"]).itertuples():
             views = [getattr(r, c, float("nan")) for c in MEMORY_VIEWS]

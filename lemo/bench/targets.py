@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from .goals import RatioTarget, goals
 from .kernel_report import SPECS, _ceilings, _load
-from .report import BUDGETS, TARGETS, largest_memory_view, target_points
+from .report import largest_memory_view, target_points
 from .results import strongest_ratios, wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
-SWEEPS = ["h200", "h200-kernels", "h200-target8k", "h200-target64k", "h200-frontier", "h200-crossover"]
 # The options that make a LeMo row "the default method" (kernels and scorer aside: they change speed, not
 # which tokens train).
 METHOD_FIELDS = (
@@ -57,13 +57,14 @@ def _mark(ok: bool | None) -> str:
     return "not measured" if ok is None else ("yes" if ok else "no")
 
 
-def ratio_target(results: Path, target: tuple) -> Row:
-    """The best LeMo variant's ratio at a report.TARGETS point against the strongest LoRA-family row of
-    the same run (any backend), over the runs that hold the strongest baseline measured anywhere (within
-    run-to-run noise): a run without it (e.g. no lora-liger) would flatter LeMo. Plain LoRA's beside it."""
-    label, model, _, _, _, goal, paper = target
+def ratio_target(results: Path, target: RatioTarget) -> Row:
+    """The best LeMo variant's ratio at a ratio target's point (workflows/goals.yaml) against the strongest
+    LoRA-family row of the same run (any backend), over the runs that hold the strongest baseline measured
+    anywhere (within run-to-run noise): a run without it (e.g. no lora-liger) would flatter LeMo. Plain LoRA's
+    beside it."""
+    label, model, goal, paper = target.label, target.model, target.goal, target.paper
     found = []
-    for name in SWEEPS:
+    for name in goals().target_sweeps:
         csv = results / name / "sweep.csv"
         if csv.exists():
             found += [(row, csv) for row in target_points(pd.read_csv(csv), target, same_run=True).itertuples()]
@@ -103,7 +104,7 @@ def never_slower_target(results: Path) -> Row:
     label = "never slower than LoRA: the default LeMoConfig at every measured point"
     goal = ">= 1.00x step time vs the fastest LoRA-family row of the run"
     found = []
-    for name in SWEEPS:
+    for name in goals().target_sweeps:
         csv = results / name / "sweep.csv"
         if not csv.exists():
             continue
@@ -128,7 +129,8 @@ def never_slower_target(results: Path) -> Row:
 
 
 def budget_target(results: Path) -> Row:
-    label, model, gc, context, budget = BUDGETS[0]
+    b = goals().budgets[0]
+    label, model, gc, context, budget = b.label, b.model, b.gradient_checkpointing, b.context, b.budget_gib
     csv = results / "h200-256k" / "sweep.csv"
     if not csv.exists():
         return Row(label, f"<= {budget:.0f} GiB", "", _mark(None), "")
@@ -167,11 +169,11 @@ def perplexity_target(accuracy_csv: Path, goal_pct: float = 2.0) -> Row:
     return Row(label, goal, text, _mark(all(rel[m] <= goal_pct for m in defaults)), str(accuracy_csv))
 
 
-def quality_rows(
-    quality_dir: Path, memory_goal: float = 1.8, ppl_goal: float = 2.0, pts_goal: float = 5.0, cos_goal: float = 0.9
-) -> list[Row]:
+def quality_rows(quality_dir: Path) -> list[Row]:
     """The real model (results/accuracy/smollm2): perplexity and retrieval after 4x extension at a 7B-shape
-    memory saving, and the LoRA-gradient cosine of the fidelity screen."""
+    memory saving, and the LoRA-gradient cosine of the fidelity screen (goals: workflows/goals.yaml)."""
+    q = goals().quality
+    memory_goal, ppl_goal, pts_goal, cos_goal = q.memory_ratio, q.ppl_delta_pct, -q.retrieval_delta_pts, q.grad_cosine
     label = "quality after 4x extension, real model (SmolLM2-135M): perplexity and retrieval vs LoRA, at memory saving"
     goal = f"<= +{ppl_goal:.0f}% ppl, >= -{pts_goal:.0f} pts retrieval, >= {memory_goal}x memory (8K, 7B shape)"
     front_csv, fid_csv = quality_dir / "frontier.csv", quality_dir / "fidelity.csv"
@@ -220,7 +222,8 @@ def quality_rows(
     return rows
 
 
-def recall_target(recall_csv: Path, model: str, goal: float = 0.97) -> Row:
+def recall_target(recall_csv: Path, model: str) -> Row:
+    goal, paper = goals().predictors.recall, goals().predictors.paper_recall
     label = f"predictor recall of the oracle's kept blocks ({model})"
     if not recall_csv.exists():
         return Row(label, f">= {goal:.0%}", "", _mark(None), "")
@@ -233,15 +236,16 @@ def recall_target(recall_csv: Path, model: str, goal: float = 0.97) -> Row:
     budget = r.kept_fraction <= 1.05 * r.keep_ratio
     return Row(
         label,
-        f">= {goal:.0%} at the keep ratio's budget (paper 95.1%)",
+        f">= {goal:.0%} at the keep ratio's budget (paper {paper:.1%})",
         ", ".join(parts) + context,
         _mark(bool((r.recall[budget] >= goal).any())),
         str(recall_csv),
     )
 
 
-def overhead_target(results: Path, goal: float = 0.03, context: int = 65536) -> Row:
+def overhead_target(results: Path, context: int = 65536) -> Row:
     """Predictor scoring of all sparse layers against the step of the predictor-scored LeMo at that length."""
+    goal = goals().predictors.overhead
     label = f"predictor overhead, share of a {context // 1024}K step (scoring only; top-k selection not timed)"
     bench = results / "h200-kernels" / "kernels" / "predictors.csv"
     step_csv = results / "h200-target64k" / "sweep.csv"
@@ -301,7 +305,7 @@ def kernel_rows(results: Path) -> list[Row]:
 def target_rows(results: Path) -> list[Row]:
     results = Path(results)
     return [
-        *(ratio_target(results, t) for t in TARGETS),
+        *(ratio_target(results, t) for t in goals().ratio_targets),
         never_slower_target(results),
         budget_target(results),
         *quality_rows(results / "accuracy" / "smollm2"),
