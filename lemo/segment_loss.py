@@ -16,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .config import LOSS_KERNELS
+
 IGNORE_INDEX = -100
 
 
@@ -70,9 +72,6 @@ class SegmentedCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
-
-
-LOSS_KERNELS = ("torch", "triton", "liger")
 
 
 def segmented_lm_loss(

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
     tl = None
     _HAS_TRITON = False
 
-IGNORE_INDEX = -100
+from ..segment_loss import IGNORE_INDEX  # noqa: E402  (one definition; segment_loss imports this module lazily)
 
 __all__ = [
     "FusedLinearCrossEntropy",
