@@ -8,7 +8,6 @@ Evaluation runs the dense model (LeMo and S2-Attn are training-time only) with t
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ import torch
 
 from ..bench.methods import get_method
 from ..bench.progress import progress
+from ..bench.results import write_rows
 from .corpus import batches, long_documents
 from .passkey import passkey_accuracy, retrieval_grid
 from .perplexity import perplexity
@@ -208,10 +208,7 @@ def finetune(
             log.info("[%s] step %d loss %.4f %.1fs", label, step + 1, history[-1]["loss"], history[-1]["seconds"])
     train_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    with (out / "loss.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    write_rows(out / "loss.csv", history)
     rows = evaluate(model, model_dir, corpus_dir, cfg)
     meta = {
         "label": label,

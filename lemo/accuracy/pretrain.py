@@ -9,7 +9,6 @@ with the tokenizer beside it and `pretrain.json` saying how it was made.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..bench.progress import progress
+from ..bench.results import write_rows
 from .corpus import load_split, sample_windows
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def model_config(cfg: PretrainConfig, vocab_size: int):
 
 def warmup_cosine(step: int, lr: float, warmup: int, steps: int, floor: float = 0.0) -> float:
     """Linear warm-up to `lr`, then cosine decay to `floor * lr` at `steps`."""
+    # Not transformers' get_cosine_with_min_lr_schedule_with_warmup: it warms up step/warmup, this (step+1)/warmup
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -160,10 +161,7 @@ def pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, device: str =
     model.config.max_position_embeddings = cfg.context
     model.save_pretrained(out_dir, max_shard_size="15MB")
     shutil.copy(corpus_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    with (out_dir / "pretrain_log.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    write_rows(out_dir / "pretrain_log.csv", history)
     weights = hashlib.sha256()
     for path in sorted(out_dir.glob("*.safetensors")):
         weights.update(path.read_bytes())

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from ..bench.figures import method_color  # noqa: E402
 from ..bench.goals import goals  # noqa: E402
 from ..bench.report import update_readme  # noqa: E402
+from ..bench.results import markdown_table  # noqa: E402
 
 # The paper (LeMo, Table: perplexity after context extension, Llama-2-7B), LoRA -> LeMo.
 ORDER = ["pretrained", "pretrained+PI", "lora", "longlora", "lemo-token", "lemo-channel", "lemo-predictor"]
@@ -47,7 +48,7 @@ def perplexity_table(frame: pd.DataFrame, baseline: str = "lora") -> str:
     ppl = ppl.reindex(_order(ppl.index))
     contexts = list(ppl.columns)
     head = ["method"] + [_ctx(c) for c in contexts]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for label, row in ppl.iterrows():
         cells = [label]
         for c in contexts:
@@ -56,8 +57,8 @@ def perplexity_table(frame: pd.DataFrame, baseline: str = "lora") -> str:
             if baseline in ppl.index and label not in (baseline, "pretrained", "pretrained+PI"):
                 cell += f" ({100 * (v / ppl.loc[baseline, c] - 1):+.1f}%)"
             cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 def passkey_table(frame: pd.DataFrame) -> str:
@@ -68,32 +69,28 @@ def passkey_table(frame: pd.DataFrame) -> str:
     tok = pk.pivot_table(index="label", columns="context", values="token_accuracy")
     acc, tok = acc.reindex(_order(acc.index)), tok.reindex(_order(tok.index))
     head = ["method"] + [_ctx(c) for c in acc.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label in acc.index:
-        lines.append(
-            "| "
-            + " | ".join([label] + [f"{acc.loc[label, c]:.2f} ({tok.loc[label, c]:.2f})" for c in acc.columns])
-            + " |"
-        )
-    return "\n".join(lines)
+    cells = [
+        [label] + [f"{acc.loc[label, c]:.2f} ({tok.loc[label, c]:.2f})" for c in acc.columns] for label in acc.index
+    ]
+    return markdown_table(head, cells)
 
 
 def training_table(frame: pd.DataFrame) -> str:
     t = frame[frame.method != "none"].drop_duplicates("label").set_index("label")
     t = t.reindex([m for m in _order(t.index)])
-    lines = ["| method | final train loss | train time (s) | train peak (GiB) |", "|---|---|---|---|"]
+    lines = []
     for label, r in t.iterrows():
         peak = "" if pd.isna(r.get("train_peak_gib")) else f"{r['train_peak_gib']:.2f}"
-        lines.append(f"| {label} | {r['final_loss']:.4f} | {r['train_seconds']:.1f} | {peak} |")
-    return "\n".join(lines)
+        lines.append([label, f"{r['final_loss']:.4f}", f"{r['train_seconds']:.1f}", peak])
+    return markdown_table(["method", "final train loss", "train time (s)", "train peak (GiB)"], lines)
 
 
 def paper_table() -> str:
-    lines = ["| paper (Llama-2-7B) | context | LoRA | LeMo | delta |", "|---|---|---|---|---|"]
+    lines = []
     for p in goals().paper_perplexity:
         data, ctx, lora, lemo = p.dataset, p.context, p.lora, p.lemo
-        lines.append(f"| {data} | {ctx // 1024}K | {lora:.2f} | {lemo:.2f} | {100 * (lemo / lora - 1):+.1f}% |")
-    return "\n".join(lines)
+        lines.append([data, f"{ctx // 1024}K", f"{lora:.2f}", f"{lemo:.2f}", f"{100 * (lemo / lora - 1):+.1f}%"])
+    return markdown_table(["paper (Llama-2-7B)", "context", "LoRA", "LeMo", "delta"], lines)
 
 
 def predictor_section(pred_dir: Path) -> str:
@@ -121,16 +118,14 @@ def predictor_section(pred_dir: Path) -> str:
             + "."
         )
     r = pd.read_csv(recall_csv)
-    lines = [
-        "| selection | layer | recall | block-score-mass recall | kept fraction | threshold |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = []
     for row in r.itertuples():
         thr = "" if pd.isna(row.threshold) else f"{row.threshold:.3f}"
         lines.append(
-            f"| {row.selection} | {row.layer} | {row.recall:.3f} | {row.mass_recall:.3f} | "
-            f"{row.kept_fraction:.3f} | {thr} |"
+            [str(row.selection), str(row.layer), f"{row.recall:.3f}", f"{row.mass_recall:.3f}"]
+            + [f"{row.kept_fraction:.3f}", thr]
         )
+    head = ["selection", "layer", "recall", "block-score-mass recall", "kept fraction", "threshold"]
     where = ""
     if "gpu" in r:
         where = (
@@ -146,7 +141,7 @@ def predictor_section(pred_dir: Path) -> str:
         )
     parts += [
         f"**Predictor recall** of the oracle's kept blocks on held-out windows (paper: 95.1%).{where}",
-        "\n".join(lines),
+        markdown_table(head, lines),
     ]
     return "\n\n".join(parts)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import PROV_COLS
+from .results import PROV_COLS, markdown_table
 
 COLUMNS = [
     "model",
@@ -63,22 +63,21 @@ def _tokens(n) -> str:
 
 
 def table(frame: pd.DataFrame) -> str:
-    lines = [
-        "| model | memory cap | method | attention | recompute | max context | step (s) | peak allocated (GiB) | "
-        "bound | vs best LoRA-family |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["model", "memory cap", "method", "attention", "recompute", "max context", "step (s)"]
+    head += ["peak allocated (GiB)", "bound", "vs best LoRA-family"]
+    lines = []
     for (model, cap), grp in frame.groupby(["model", frame.cap_gib.fillna(-1)], sort=True):
         lora = grp[grp.method.map(is_lora_family)]
         best = lora.max_context.max() if len(lora) else None
         for r in grp.sort_values("max_context", ascending=False).itertuples():
             ratio = f"{r.max_context / best:.2f}x" if best else ""
+            step = "" if pd.isna(r.step_s) else f"{r.step_s:.1f}"
+            peak = "" if pd.isna(r.peak_gib) else f"{r.peak_gib:.1f}"
             lines.append(
-                f"| {model} | {_cap(r.cap_gib)} | {r.method} | {r.attention} | {r.gradient_checkpointing} | "
-                f"{_tokens(r.max_context)} | {'' if pd.isna(r.step_s) else f'{r.step_s:.1f}'} | "
-                f"{'' if pd.isna(r.peak_gib) else f'{r.peak_gib:.1f}'} | {r.bound} | {ratio} |"
+                [str(model), _cap(r.cap_gib), str(r.method), str(r.attention), str(r.gradient_checkpointing)]
+                + [_tokens(r.max_context), step, peak, str(r.bound), ratio]
             )
-    return "\n".join(lines)
+    return markdown_table(head, lines)
 
 
 def summary(frame: pd.DataFrame) -> str:

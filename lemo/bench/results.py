@@ -175,12 +175,16 @@ def strongest_ratios(frame: pd.DataFrame, metric: str, family=LORA_FAMILY, same_
 
 
 def write_rows(path, rows: list[dict]) -> None:
-    """Rows of a microbenchmark as CSV; the header is the union of their keys in first-seen order (a
-    failed row carries fewer columns than a measured one)."""
-    import csv
-
+    """Rows as CSV (microbenchmarks, training loss logs); the header is the union of their keys in
+    first-seen order (a failed row carries fewer columns than a measured one). Object dtype keeps each
+    value as given (an int column with a gap stays ints; floats are written as repr), and the CRLF line
+    ends are those of the csv module these files were first written with. A missing value, None or NaN,
+    is an empty field."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows, columns=fields, dtype=object).to_csv(path, index=False, lineterminator="\r\n")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of cells already formatted as text (pandas -> tabulate). disable_numparse keeps
+    each cell as written: tabulate would otherwise re-format numbers ("0.50" -> "0.5") and align them."""
+    return pd.DataFrame(rows, columns=head).to_markdown(index=False, disable_numparse=True)

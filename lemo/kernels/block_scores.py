@@ -32,19 +32,12 @@ Three implementations:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton is optional: block_scores_torch is the fallback.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+# Triton is optional: block_scores_torch is the fallback.
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import interpreter_on as _interpreter_on
+from ._triton import tl, triton
 
 __all__ = ["block_scores", "block_scores_reference", "block_scores_torch"]
 
@@ -293,10 +286,6 @@ def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size):
         num_warps=num_warps,
         num_stages=num_stages,
     )
-
-
-def _interpreter_on():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------- public

@@ -29,21 +29,14 @@ Three pieces:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton is optional: the torch path (lemo.segment_loss) is the fallback.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAS_TRITON = False
-
 from ..segment_loss import IGNORE_INDEX  # noqa: E402  (one definition; segment_loss imports this module lazily)
+
+# Triton is optional: the torch path (lemo.segment_loss) is the fallback.
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import interpreter_on as _interpreter_on
+from ._triton import tl, triton
 
 __all__ = [
     "FusedLinearCrossEntropy",
@@ -118,10 +111,6 @@ if _HAS_TRITON:
                 tl.store(x_row + cols, g.to(x_ptr.dtype.element_ty), mask=inside)
             tl.store(loss_ptr + row, lse - z_t)
             tl.store(lse_ptr + row, lse)
-
-
-def _interpreter_on():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -30,19 +30,13 @@ Needs CUDA tensors, or TRITON_INTERPRET=1 on CPU (set before this module is impo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # Triton is optional: the torch path (LeMoConfig(movement_kernel="torch")) needs none of this.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+# Triton is optional: the torch path (LeMoConfig(movement_kernel="torch")) needs none of this.
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import interpreter_on as _interpreter_on
+from ._triton import tl, triton
 
 __all__ = [
     "load_rms_norm",
@@ -183,10 +177,6 @@ if _HAS_TRITON:
 
 
 # --------------------------------------------------------------------------- launch helpers
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _require_triton(t: torch.Tensor) -> None:
     if not _HAS_TRITON or (not t.is_cuda and not _interpreter_on()):
         raise RuntimeError(
