@@ -13,6 +13,10 @@ def _entry(rank, world, init_file, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # every rank's collectives (FSDP2's are asynchronous) finish before any rank tears the group down:
+        # a group destroyed under a peer's pending work aborts that peer ("terminate called without an
+        # active exception", seen once in CI under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
