@@ -55,6 +55,18 @@ def check_types(obj) -> None:
             )
 
 
+def typed_from_mapping(cls, data, where: str):
+    """A dataclass from a YAML mapping: unknown keys and wrong types fail naming `where`."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    obj = from_fields(cls, data, where)
+    try:
+        check_types(obj)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return obj
+
+
 def _layer_list(value) -> list[int]:
     """sparse_layers: a list of layer indices (ints >= 0); a string or a float is not one."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

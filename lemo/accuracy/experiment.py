@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bench.yamlfile import load_yaml
-from ..config import check_types, from_fields
+from ..config import typed_from_mapping
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
 
@@ -71,17 +71,6 @@ def _section(data, keys: dict, where: str) -> dict:
     return data
 
 
-def _config(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    obj = from_fields(cls, data, where)
-    try:
-        check_types(obj)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    return obj
-
-
 def _fidelity(data, where: str) -> dict | None:
     """The fidelity section: windows, {rope factor: [contexts]}, {label: LeMo options} (each must build)."""
     from ..config import LeMoConfig
@@ -131,8 +120,8 @@ def load_experiment(path: Path) -> Experiment:
     return Experiment(
         name=str(data["name"]),
         corpus=_section(data.get("corpus", {}), CORPUS_KEYS, f"{path}: corpus"),
-        pretrain=_config(PretrainConfig, data.get("pretrain", {}), f"{path}: pretrain"),
-        finetune=_config(FinetuneConfig, data["finetune"], f"{path}: finetune"),
+        pretrain=typed_from_mapping(PretrainConfig, data.get("pretrain", {}), f"{path}: pretrain"),
+        finetune=typed_from_mapping(FinetuneConfig, data["finetune"], f"{path}: finetune"),
         methods=data["methods"],
         predictors=_section(data.get("predictors", {}), PREDICTOR_KEYS, f"{path}: predictors"),
         fidelity=_fidelity(data.get("fidelity"), f"{path}: fidelity"),

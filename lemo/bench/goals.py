@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import check_types, from_fields
+from ..config import typed_from_mapping
 from .yamlfile import load_yaml
 
 GOALS_FILE = Path(__file__).resolve().parents[2] / "workflows" / "goals.yaml"
@@ -66,22 +66,11 @@ class Goals:
     paper_perplexity: list[PaperPerplexity]
 
 
-def _typed(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    obj = from_fields(cls, data, where)
-    try:
-        check_types(obj)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    return obj
-
-
 def _list(data, key: str, cls, where: str) -> list:
     items = data.get(key)
     if not isinstance(items, list) or not items:
         raise ValueError(f"{where}: `{key}` must be a non-empty list")
-    return [_typed(cls, item, f"{where}: {key}[{i}]") for i, item in enumerate(items)]
+    return [typed_from_mapping(cls, item, f"{where}: {key}[{i}]") for i, item in enumerate(items)]
 
 
 def load_goals(path: str | Path = GOALS_FILE) -> Goals:
@@ -100,8 +89,8 @@ def load_goals(path: str | Path = GOALS_FILE) -> Goals:
         ratio_targets=_list(data, "ratio_targets", RatioTarget, where),
         budgets=_list(data, "budgets", Budget, where),
         target_sweeps=list(sweeps),
-        quality=_typed(QualityGoals, data["quality"], f"{where}: quality"),
-        predictors=_typed(PredictorGoals, data["predictors"], f"{where}: predictors"),
+        quality=typed_from_mapping(QualityGoals, data["quality"], f"{where}: quality"),
+        predictors=typed_from_mapping(PredictorGoals, data["predictors"], f"{where}: predictors"),
         paper_perplexity=_list(data, "paper_perplexity", PaperPerplexity, where),
     )
 
