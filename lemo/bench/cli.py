@@ -184,6 +184,25 @@ def _eval_predictors(args) -> int:
     return eval_command(args)
 
 
+def _model_window_args(p, purpose: str) -> None:
+    """The model and window options train-predictors and eval-predictors share."""
+    p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
+    p.add_argument("--context", type=int, default=4096, help=f"tokens per {purpose} window (default: 4096)")
+    p.add_argument(
+        "--rope-factor",
+        type=float,
+        default=1.0,
+        help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "triton", "torch"],
+        default="auto",
+        help="oracle block-score implementation (default: auto, Triton where it runs)",
+    )
+    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lemo` command's parser, every subcommand included."""
     from .. import __version__
@@ -298,16 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="machine, versions and attention backends available here")
     p.set_defaults(func=_info)
     p = sub.add_parser("train-predictors", help="train per-layer block predictors against the oracle (lemo.predictors)")
-    p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
+    _model_window_args(p, "training")
     p.add_argument("--corpus", default=None, help="corpus directory (lemo.accuracy.corpus); not needed with --steps 0")
     p.add_argument("--out", required=True, help="directory for predictors.safetensors + predictors.json")
-    p.add_argument("--context", type=int, default=4096, help="tokens per training window (default: 4096)")
-    p.add_argument(
-        "--rope-factor",
-        type=float,
-        default=1.0,
-        help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)",
-    )
     p.add_argument("--steps", type=int, default=200, help="0 writes an untrained set (cost benchmarks)")
     p.add_argument("--batch", type=int, default=1, help="windows per step (default: 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
@@ -328,28 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-width", type=int, default=16, help="pruning never narrows a layer below this (default: 16)")
     p.add_argument("--split", default="train", help="corpus split the windows come from (default: train)")
-    p.add_argument(
-        "--kernels",
-        choices=["auto", "triton", "torch"],
-        default="auto",
-        help="oracle block-score implementation (default: auto, Triton where it runs)",
-    )
-    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the predictor weights and of the windows (default: 0)")
     p.add_argument("--verbose", action="store_true", help="log the loss of every step and each pruning")
     p.set_defaults(func=_train_predictors)
     p = sub.add_parser("eval-predictors", help="per-layer recall of predictors vs the oracle (+ threshold tuning)")
-    p.add_argument("--model", required=True, help="local HF checkpoint directory or registry name (random weights)")
+    _model_window_args(p, "evaluation")
     p.add_argument("--predictors", required=True, help="directory written by train-predictors")
     p.add_argument("--corpus", required=True, help="corpus directory (lemo.accuracy.corpus)")
     p.add_argument("--out", required=True, help="CSV of recall rows")
-    p.add_argument("--context", type=int, default=4096, help="tokens per evaluation window (default: 4096)")
-    p.add_argument(
-        "--rope-factor",
-        type=float,
-        default=1.0,
-        help="RoPE linear scaling applied to a checkpoint (as the fine-tuning will use it)",
-    )
     p.add_argument("--batches", type=int, default=8, help="batches of windows evaluated (default: 8)")
     p.add_argument("--batch", type=int, default=1, help="windows per batch (default: 1)")
     p.add_argument(
@@ -374,13 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--thresholds-out", default=None, help="JSON (default: OUT with .thresholds.json)")
     p.add_argument("--split", default="heldout", help="corpus split the windows come from (default: heldout)")
-    p.add_argument(
-        "--kernels",
-        choices=["auto", "triton", "torch"],
-        default="auto",
-        help="oracle block-score implementation (default: auto, Triton where it runs)",
-    )
-    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument(
         "--seed",
         type=int,
