@@ -54,15 +54,32 @@ def test_exact_power_of_two_and_failure_at_start():
     assert (r.max_context, r.bound, r.best, calls) == (0, "memory", None, [8 * K])
 
 
-def test_a_slow_step_stops_the_search_upward():
-    probe, calls = fake_step(10**9, seconds_per_token=1e-3)  # 262 s at 256K, 524 s at 512K
+def test_a_step_predicted_over_the_time_bound_is_not_run():
+    # linear fake time, 131 s at 128K: a quadratic scale-up allows 192K, and from there (197 s) less than
+    # 240K, a quarter more: the search stops without running a probe predicted over the bound
+    probe, calls = fake_step(10**9, seconds_per_token=1e-3)
     r = search_max_context(probe, 8 * K, 4096 * K, time_bound_s=300)
-    assert (r.max_context, r.bound, calls[-1]) == (512 * K, "time", 512 * K)
-    # during bisection too: fits up to 300K, slower than the bound from 280K
-    probe, calls = fake_step(300 * K, seconds_per_token=300 / (280 * K) * 1.0001)
-    r = search_max_context(probe, 8 * K, 4096 * K, time_bound_s=300)
-    assert (r.max_context, r.bound) == (288 * K, "time") and r.best.step_s > 300
-    assert calls[6:] == [512 * K, 384 * K, 320 * K, 288 * K]
+    assert (r.max_context, r.bound) == (192 * K, "time") and calls[-2:] == [128 * K, 192 * K]
+    assert max(p.step_s for p in r.probes) < 300
+    # a measured step over the bound (the prediction was too low) also stops it, and still counts as a fit
+    probe, calls = fake_step(10**9, seconds_per_token=1e-3)
+    r = search_max_context(lambda c: probe(c) if c < 64 * K else Probe(c, "ok", step_s=400.0), 8 * K, 4096 * K)
+    assert (r.max_context, r.bound, r.best.step_s) == (64 * K, "time", 400.0)
+
+
+def test_the_memory_prediction_jumps_near_the_capacity_and_gallops_to_the_failure():
+    def probe(ctx):  # 12 GiB of weights + 1 GiB per 1K tokens; fits up to 200,000 tokens
+        calls.append(ctx)
+        return Probe(ctx, "oom") if ctx > 200_000 else Probe(ctx, "ok", step_s=0.0, peak_gib=12 + ctx / K)
+
+    calls = []
+    r = search_max_context(probe, 8 * K, 1024 * K, capacity_gib=180.0, margin=0.95)
+    assert (r.max_context, r.bound) == (192 * K, "memory")
+    # 0.95 * 180 GiB predicts 159K -> 152K; gallop +8K, +16K, +32K to the OOM; bisect 176K..208K
+    assert calls == [8 * K, 16 * K, 152 * K, 160 * K, 176 * K, 208 * K, 192 * K, 200 * K]
+    calls = []
+    r = search_max_context(probe, 8 * K, 1024 * K, capacity_gib=300.0)  # an optimistic capacity: bisection
+    assert (r.max_context, r.bound, calls[:3]) == (192 * K, "memory", [8 * K, 16 * K, 272 * K])
 
 
 def test_limit_and_host_ram_bounds():
@@ -114,7 +131,7 @@ def test_search_on_the_harness_records_every_probe_and_resumes(tmp_path, monkeyp
     assert s.id == "llama2-tiny__sdpa-math__gc1__lora__full" and find_search(SWEEP, s.id) is not None
     out = run_search(SWEEP, s.id, tmp_path, log=lambda *_: None)
     assert (out["max_context"], out["bound"]) == (256, "memory") and out["step_s"] > 0
-    assert ran == [64, 128, 256, 512, 384, 320]
+    assert ran == [64, 128, 256, 512, 384, 320]  # no capacity on CPU: plain doubling, then bisection
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("sdpa-math__*.json")}
     assert len(recs) == 6 and recs["sdpa-math__lora__512__b1.json"]["status"] == "oom"
     # run again: every probe is read back, none measured

@@ -1,19 +1,26 @@
 """Max trainable context: for one method, model and memory cap, the longest context one training step fits.
 
-The search doubles the context from `start` until a probe fails (out of memory, host RAM exhausted by
-offload, an error) or reaches `limit`, then bisects between the last fit and the first failure at
-`granularity` tokens. Every probe is one full training step (the sweep's warm-up/steps) measured by
-the harness (lemo.bench.bench.JobRunner.measure: fresh setup, memory freed and peak stats reset after),
-and is written as an ordinary record, so a failure is a data point. A step slower than
-`time_bound_s` still counts as a fit but stops the search upward (a longer one would not fit the
-runner's command limit). What ended the search is the `bound`:
+Every probe is one full training step: time is quadratic in context at long contexts, so the search
+spends few probes there. It starts at `start` and doubles; once two probes fit, their peak memory
+(allocated, linear in context) predicts the context that fills `margin` of the capacity (the cap, or
+the device's memory) and the search jumps there; from a fit beyond the prediction it gallops upward
+(+granularity, then twice that, ...). A jump never goes past the context whose step, scaled
+quadratically from the last fit, would exceed `time_bound_s` (a longer one would not fit the runner's
+command limit); when that leaves less than a quarter more context than the last fit, the search stops
+with bound "time" rather than creep towards the bound in long probes.
+After the first failure it bisects between the last fit and that failure at `granularity` tokens. So
+every reported maximum is a fitting step, and (for memory bounds) a failing one `granularity` above it.
+The probes are measured by the harness (lemo.bench.bench.JobRunner.measure: fresh setup, memory
+freed and peak stats reset after) and written as ordinary records, so a failure is a data point. What
+ended the search is the `bound`:
 
   memory    a probe ran out of device memory (under the cap, when one is set)
   host-ram  a probe exhausted host memory (an out-of-memory that is not torch.OutOfMemoryError while
             activations are offloaded to pinned host memory, or a Python MemoryError)
   killed    the process died during a probe (host OOM killer, or the runner's time limit): its record
             still says "started" when the search is run again
-  time      the last fit took longer than time_bound_s
+  time      the last fit took longer than time_bound_s, or a step a quarter longer is predicted not to
+            stay within it
   limit     the search reached `limit` without failing
   error     a probe failed otherwise (its record says why)
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +42,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 BOUNDS = ("memory", "host-ram", "killed", "time", "limit", "error")
-DEFAULT_SEARCH = dict(start=8192, limit=1048576, granularity=8192, time_bound_s=300.0, caps_gib=[None])
+DEFAULT_SEARCH = dict(start=8192, limit=1048576, granularity=8192, time_bound_s=300.0, margin=0.95, caps_gib=[None])
 
 
 @dataclass
@@ -53,21 +61,45 @@ class SearchResult:
     probes: list = field(default_factory=list)  # in the order run
 
 
-def _round_down(x: int, granularity: int) -> int:
-    return x // granularity * granularity
+def _round_down(x: float, granularity: int) -> int:
+    return int(x) // granularity * granularity
+
+
+def _memory_prediction(fits: list[Probe], capacity_gib: float | None, margin: float) -> float | None:
+    """The context at which the line through the last two fits' peaks reaches margin * capacity."""
+    if capacity_gib is None or len(fits) < 2:
+        return None
+    a, b = fits[-2], fits[-1]
+    if a.peak_gib is None or b.peak_gib is None or b.peak_gib <= a.peak_gib:
+        return None
+    slope = (b.peak_gib - a.peak_gib) / (b.context - a.context)
+    return b.context + (margin * capacity_gib - b.peak_gib) / slope
+
+
+def _time_limit(fit: Probe, time_bound_s: float) -> float:
+    """The longest context whose step, scaled quadratically from `fit`, stays within the bound."""
+    if not fit.step_s:
+        return math.inf
+    return fit.context * math.sqrt(time_bound_s / fit.step_s)
 
 
 def search_max_context(
-    probe: Callable[[int], Probe], start: int, limit: int, granularity: int = 8192, time_bound_s: float = 300.0
+    probe: Callable[[int], Probe],
+    start: int,
+    limit: int,
+    granularity: int = 8192,
+    time_bound_s: float = 300.0,
+    capacity_gib: float | None = None,
+    margin: float = 0.95,
 ) -> SearchResult:
-    """Doubling from `start` (capped at `limit`), then bisection at `granularity`; see the module docstring."""
+    """Doubling (or a jump to the memory prediction), galloping, then bisection; see the module docstring."""
     if start <= 0 or start % granularity or limit < start:
         raise ValueError(
             f"need 0 < start <= limit and start a multiple of granularity; got start={start}, "
             f"limit={limit}, granularity={granularity}"
         )
     probes: list[Probe] = []
-    best: Probe | None = None
+    fits: list[Probe] = []
 
     def run(ctx: int) -> Probe:
         p = probe(ctx)
@@ -77,18 +109,33 @@ def search_max_context(
     def failure_bound(p: Probe) -> str:
         return {"oom": "memory", "host-oom": "host-ram", "killed": "killed"}.get(p.status, "error")
 
-    ctx, bad = start, None
-    while True:  # doubling
+    ctx, bad, gallop = start, None, granularity
+    while True:  # upward
         p = run(ctx)
         if p.status != "ok":
             bad = p
             break
-        best = p
+        fits.append(p)
         if p.step_s is not None and p.step_s > time_bound_s:
-            return SearchResult(ctx, "time", best, probes)
+            return SearchResult(ctx, "time", p, probes)
         if ctx >= limit:
-            return SearchResult(ctx, "limit", best, probes)
-        ctx = min(2 * ctx, limit)
+            return SearchResult(ctx, "limit", p, probes)
+        predicted = _memory_prediction(fits, capacity_gib, margin)
+        if predicted is None:
+            nxt = 2 * ctx
+        elif predicted >= ctx + granularity:
+            nxt = _round_down(predicted, granularity)
+        else:  # at or past the prediction: gallop up to the failure
+            nxt, gallop = ctx + gallop, 2 * gallop
+        nxt = min(nxt, limit)
+        by_time = _time_limit(p, time_bound_s)
+        if by_time < nxt:  # the time bound binds: go there, unless that is less than a quarter further
+            by_time = _round_down(by_time, granularity)
+            if by_time < 1.25 * ctx:
+                return SearchResult(ctx, "time", p, probes)
+            nxt = by_time
+        ctx = nxt
+    best = fits[-1] if fits else None
     lo, hi = (best.context if best else 0), bad.context
     while hi - lo > granularity:  # bisection between the last fit and the first failure
         mid = max(lo + granularity, _round_down((lo + hi) // 2, granularity))
@@ -205,8 +252,15 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
         write_record(path, {"point": p.as_dict(), "status": "started", "metrics": {}, "provenance": runner.provenance})
         return _probe_from_record(runner.measure(model, spec, p), p.offload_activations)
 
+    capacity = s.cap_gib if s.cap_gib is not None else (None if total is None else total / 2**30)
     result = search_max_context(
-        probe, settings["start"], settings["limit"], settings["granularity"], settings["time_bound_s"]
+        probe,
+        settings["start"],
+        settings["limit"],
+        settings["granularity"],
+        settings["time_bound_s"],
+        capacity_gib=capacity,
+        margin=settings["margin"],
     )
     best = result.best
     out = {
