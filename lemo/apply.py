@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LeMoConfig
-from .elimination import Frozen, sparse_layer
+from .elimination import Frozen, compact_layer, gather_positions, sparse_layer
 from .layout import TokenLayout, make_layout
 from .lora_norm import patch_lora_a
 from .mlp import channel_pruned_forward
@@ -44,6 +44,15 @@ class _ForwardState:
     layout: TokenLayout | None = None
     selections: dict = field(default_factory=dict)  # layer index -> Selection, for inspection and tests
     shared: Selection | None = None  # the one selection of all sparse layers (shared_selection)
+    stream: _Stream | None = None  # the compact run in progress (LeMoConfig.compact_stream)
+
+
+@dataclass
+class _Stream:
+    """A compact run of sparse layers in progress: its first layer's input, and the kept rows' cos/sin."""
+
+    full: torch.Tensor | None  # taken (and dropped here) by the run's last layer
+    positions: tuple | None
 
 
 class LeMoLayer(nn.Module):
@@ -64,6 +73,7 @@ class LeMoLayer(nn.Module):
         object.__setattr__(self, "original", layer)
         self.layer_index = index
         self.adapter, self.config, self.scorer, self.state = adapter, config, scorer, state
+        self.compact: tuple[bool, bool] | None = None  # (gathers, scatters) in a compact run; set by apply_lemo
         self.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False)
         if hasattr(layer, "_gradient_checkpointing_func"):
             self._gradient_checkpointing_func = layer._gradient_checkpointing_func
@@ -77,6 +87,8 @@ class LeMoLayer(nn.Module):
         if not self._active():
             self.original.train(self.training)
             return self.original(hidden_states, *args, **kwargs)
+        if self.compact is not None and not self.compact[0] and self.state.stream is not None:
+            return self._compact_step(hidden_states, self.state.shared, gather=False)  # inside a compact run
         if hidden_states.shape[1] < self.config.min_sparse_tokens:
             return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
         if _cache_in_use(kwargs):
@@ -86,6 +98,11 @@ class LeMoLayer(nn.Module):
             )
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
+        if self.compact is not None and self.compact[0] and sel.total:  # a compact run starts here
+            positions = kwargs.get("position_embeddings")
+            positions = gather_positions(positions, sel, hidden_states.shape[1]) if parts.rope else None
+            self.state.stream = _Stream(hidden_states, positions)
+            return self._compact_step(hidden_states, sel, gather=True)
         frozen = None
         if self.config.eliminated == "frozen":
             frozen = Frozen(self.config.frozen_keys, self.state.layout.doc_ids, self.config.block_size)
@@ -98,12 +115,32 @@ class LeMoLayer(nn.Module):
             movement=self.config.movement_kernel,
             frozen=frozen,
         )
+        return self._checkpointed(run, hidden_states)
+
+    def _checkpointed(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                 checkpoint, use_reentrant=False
             )
             return ckpt(run, hidden_states)
         return run(hidden_states)
+
+    def _compact_step(self, hidden_states: torch.Tensor, sel: Selection, gather: bool) -> torch.Tensor:
+        """This layer of the compact run in progress (lemo.elimination.compact_layer)."""
+        stream = self.state.stream
+        self.state.selections[self.layer_index] = sel
+        scatter_into = None
+        if self.compact[1]:  # the run's last layer: the run's input goes into this layer's closure only
+            scatter_into, self.state.stream = stream.full, None
+        run = functools.partial(
+            compact_layer,
+            self.adapter.parts(self),
+            sel=sel,
+            positions=stream.positions,
+            gather=gather,
+            scatter_into=scatter_into,
+        )
+        return self._checkpointed(run, hidden_states)
 
     def _dense(self, hidden_states: torch.Tensor, *args, **kwargs):
         """The original layer (as in eval mode), checkpointed like the sparse path when that is on."""
@@ -199,6 +236,9 @@ def apply_lemo(model, config: LeMoConfig | None = None):
     for i in sparse:
         originals[i] = layers[i]
         layers[i] = LeMoLayer(layers[i], i, adapter, config, scorer, state)
+    if _compacts(config):
+        for i in sparse:  # each run of consecutive sparse layers gathers at its first and scatters at its last
+            layers[i].compact = (i - 1 not in originals, i + 1 not in originals)
 
     patched = []
     if config.mlp_mode == "channel":
@@ -219,6 +259,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.layout = None
         state.selections = {}
         state.shared = None
+        state.stream = None
         if recompute:
             patch_lora_a(decoder, lora_a)
         if (module.training or config.active_in_eval) and kwargs.get("use_cache") is not False:
@@ -249,6 +290,13 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         )
     lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a, prior_forward)
     return model
+
+
+def _compacts(config: LeMoConfig) -> bool:
+    """Whether the compact residual stream applies: one selection, kept tokens only, nothing for the rest."""
+    return (
+        config.compact_stream and config.shared_selection and config.mlp_mode == "token" and config.eliminated == "skip"
+    )
 
 
 def _instance_forward(module: nn.Module):

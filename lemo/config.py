@@ -141,6 +141,11 @@ class LeMoConfig:
     # Positions whose next-token loss counts: "all" (the paper), or "kept" = only those kept in every sparse
     # layer, whose forward is the dense one's up to key sparsity (the default, with shared_selection).
     loss_tokens: str = "kept"
+    # With shared_selection, token MLP mode and eliminated="skip": consecutive sparse layers run on the kept
+    # rows alone, gathered once by the first and scattered back once by the last (lemo.elimination.
+    # compact_layer). Same function; the inputs gradient checkpointing keeps hold kept rows only. Ignored
+    # where it does not apply.
+    compact_stream: bool = True
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.
     mlp_channel_all_layers: bool = True

@@ -13,6 +13,12 @@ full cos/sin tables, and in-place residual adds into the layer's input (or into 
 the input must survive: under checkpointing, see writable_residual), so no full-length out-of-place
 copies of the residual stream are made.
 
+With one selection shared by a run of consecutive sparse layers, `compact_layer` runs those layers on
+the kept rows alone (LeMoConfig.compact_stream): the first gathers them from the residual stream, the
+last scatters them back into the first one's input, whose eliminated rows they passed through
+unchanged. The same function as per-layer gathering and scattering, but the tensors between the layers
+(the inputs that gradient checkpointing keeps) hold kept rows only, and no layer moves rows.
+
 With a `Frozen` spec (LeMoConfig.eliminated="frozen") the eliminated tokens also receive the layer's
 update, computed without gradient (lemo.frozen), before the MLP reads the residual stream.
 """
@@ -226,3 +232,28 @@ def _sparse_layer_triton(
         return base
     # dense MLP forward on all tokens: its norm saves `base`, so this add stays out of place
     return base + _dropout(parts, parts.mlp(parts.mlp_norm(base)))
+
+
+def compact_layer(
+    parts: LayerParts,
+    hidden: torch.Tensor,
+    sel: Selection,
+    positions,
+    gather: bool,
+    scatter_into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer of a compact residual stream (module docstring). `hidden` is the full (B, L, D) stream
+    when `gather` (the run's first layer), else the kept rows (1, T, D); `positions` are cos/sin at the
+    kept tokens' positions (gather_positions). With `scatter_into` (the run's first input, (B, L, D)) the
+    kept rows are written back into a copy of it and the full stream returned; else (1, T, D)."""
+    d = hidden.shape[-1]
+    flat = hidden.reshape(-1, d)
+    if gather:
+        flat = flat.index_select(0, sel.index)
+    cos, sin = positions if parts.rope else (None, None)
+    h = parts.attn_norm(flat)
+    flat = flat + _project_attend(parts, h, sel, lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :]))
+    flat = flat + _dropout(parts, parts.mlp(parts.mlp_norm(flat)))
+    if scatter_into is None:
+        return flat.view(1, sel.total, d)
+    return scatter_into.reshape(-1, d).index_copy(0, sel.index, flat).view(scatter_into.shape)

@@ -113,6 +113,41 @@ def test_triton_leftpad_noncontiguous_negative_scale():
     assert (ref[:, 0, 0] >= 0).all()
 
 
+# (B, Hq, Hkv, L, D, block_size): L a multiple of neither block_size nor R * block_size
+R_CASES = [(2, 4, 2, 200, 16, 16), (1, 2, 1, 150, 16, 32)]
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("docs", [None, "rightpad", "packed"])
+@pytest.mark.parametrize("case", R_CASES, ids=lambda c: "B{}_Hq{}_Hkv{}_L{}_D{}_bs{}".format(*c))
+def test_triton_super_tiles_match_reference(case, docs, R):
+    """A program covering R x R blocks gives the same map, at the edges and across documents too."""
+    B, Hq, Hkv, L, D, bs = case
+    q, k = _qk(B, Hq, Hkv, L, D)
+    d = _docs(docs, B, L)
+    ref = block_scores_reference(q, k, block_size=bs, scale=-0.3, doc_ids=d)
+    bmap, col = block_scores(q, k, block_size=bs, scale=-0.3, doc_ids=d, config={"R": R, "num_warps": 8})
+    torch.testing.assert_close(bmap, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(col, ref.sum(dim=1), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"R": 3}, r"R.*\(1, 2, 4\)"),
+        ({"num_warps": 3}, "num_warps"),
+        ({"num_stages": 0}, "num_stages"),
+        ({"R": 2.0}, r"config\['R'\]=2.0"),
+        ({"BLOCK": 2}, "unknown config keys"),
+        ((1, 4, 3), "must be a dict"),
+    ],
+)
+def test_bad_config(config, match):
+    q, k = _qk(1, 2, 1, 20, 16)
+    with pytest.raises(ValueError, match=match):
+        block_scores(q, k, block_size=16, config=config)
+
+
 def test_all_padding_is_zero():
     q, k = _qk(1, 2, 1, 20, 16)
     d = torch.full((1, 20), -1)

@@ -69,3 +69,25 @@ def test_segment_loss_bf16_matches_plain():
     (gs,) = torch.autograd.grad(seg, h)
     assert abs(seg.item() - plain.item()) < 1e-3 * plain.item()
     assert _rel(gs, gp) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-cudnn"])
+def test_compact_stream_equals_per_layer_movement_in_bf16(backend):
+    """The default config (one shared selection, compact residual stream) under checkpointing, on the
+    GPU's attention backends: the same loss and LoRA gradients as gathering and scattering per layer."""
+    from tests.helpers import lora_grads, tiny_lora_model
+
+    ids = torch.randint(0, 512, (1, 4096), device="cuda")
+    results = []
+    for compact in (True, False):
+        model = tiny_lora_model("llama2-tiny").to("cuda", torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_lemo(model, LeMoConfig(sparse_first=0, compact_stream=compact, movement_kernel="triton"))
+        with attention_context(backend):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.float(), lora_grads(model)))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert abs(loss.item() - ref_loss.item()) <= 1e-2 * abs(ref_loss.item())
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) <= 2e-2, name

@@ -214,6 +214,7 @@ def _run(name, movement, mlp_mode, checkpointing, ids, **cfg):
             mlp_mode=mlp_mode,
             segment_loss_tokens=0,
             movement_kernel=movement,
+            compact_stream=False,  # per-layer row movement is what these tests measure
             **cfg,
         ),
     )
@@ -269,7 +270,12 @@ def test_triton_movement_padded_and_packed_batches(mode):
         apply_lemo(
             model,
             LeMoConfig(
-                keep_ratio=0.4, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement
+                keep_ratio=0.4,
+                block_size=16,
+                sparse_layers=[1, 2],
+                segment_loss_tokens=0,
+                movement_kernel=movement,
+                compact_stream=False,
             ),
         )
         with attention_context("sdpa-math"):
@@ -298,7 +304,12 @@ def test_peft_applied_after_lemo_with_triton_movement():
         apply_lemo(
             base,
             LeMoConfig(
-                keep_ratio=0.5, block_size=16, sparse_layers=[1, 2], segment_loss_tokens=0, movement_kernel=movement
+                keep_ratio=0.5,
+                block_size=16,
+                sparse_layers=[1, 2],
+                segment_loss_tokens=0,
+                movement_kernel=movement,
+                compact_stream=False,
             ),
         )
         model = apply_lora(base)
@@ -333,6 +344,7 @@ def test_triton_movement_saves_fewer_bytes(name, mlp_mode, recompute):
                 mlp_mode=mlp_mode,
                 segment_loss_tokens=0,
                 movement_kernel=movement,
+                compact_stream=False,  # per-layer row movement is what these tests measure
                 lora_norm_recompute=recompute,
             ),
         )

@@ -231,7 +231,7 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
     if runner.device.type == "cuda":
         total = torch.cuda.get_device_properties(runner.device).total_memory
         if s.cap_gib is not None:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, s.cap_gib * 2**30 / total), runner.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, s.cap_gib * 2**30 / total), torch.cuda.current_device())
     model = build_model(
         s.point.model,
         context=settings["limit"],

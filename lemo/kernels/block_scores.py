@@ -27,7 +27,7 @@ Three implementations:
 * ``block_scores_torch``     -- segmented torch: query blocks in chunks, one KV
   head group at a time; memory linear in L. Fallback without Triton.
 * ``block_scores``           -- Triton, FlashAttention-style tiling; never
-  materialises more than a (bs, bs) tile per program.
+  materialises more than an (R*bs, R*bs) tile per program (R: launch config).
 """
 
 from __future__ import annotations
@@ -193,38 +193,40 @@ if _HAS_TRITON:
         smi,
         smj,
         GROUP: tl.constexpr,  # query heads per KV head (Hq // Hkv)
-        BS: tl.constexpr,  # block size (rows and cols of a tile)
+        BS: tl.constexpr,  # block size (rows and cols of a block)
+        R: tl.constexpr,  # a program covers R x R blocks (a super-tile of R*BS rows and cols)
         D: tl.constexpr,  # head dim
         HAS_DOC: tl.constexpr,
         NEG: tl.constexpr,  # scale < 0: relu(scale*x) = |scale| * relu(-x)
         PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
     ):
-        # Grid: (number of lower-triangular tiles, B). One program per (I, J <= I) tile.
-        # Chosen over one-program-per-query-block because (a) the head sum must finish
-        # before the tile max, so q tiles cannot be reused across J anyway (all heads
-        # of a q block do not fit in registers) -- traffic is identical; (b) it gives
-        # nb(nb+1)/2 * B equal-cost programs: no triangular load imbalance and enough
-        # CTAs to fill 132 SMs even at short L. Tiles are enumerated row-major
-        # (t = I(I+1)/2 + J), so neighbouring programs share the q block (L2 reuse).
+        # Grid: (number of lower-triangular super-tiles, B). One program per (SI, SJ <= SI)
+        # super-tile of R x R blocks. The head sum must finish before the block max, so
+        # q and k tiles are loaded once per head and program; a larger R makes each load
+        # feed R times more MACs (arithmetic intensity ~ R * BS), at the price of the
+        # R(R-1)/2 wasted blocks above the diagonal of each diagonal super-tile and a
+        # (R*BS)^2 fp32 accumulator. R = 1 gives nb(nb+1)/2 * B equal-cost programs, enough
+        # CTAs to fill 132 SMs even at short L. Super-tiles are enumerated row-major
+        # (t = SI(SI+1)/2 + SJ), so neighbouring programs share the q rows (L2 reuse).
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         tf = (8 * t + 1).to(tl.float32)
-        I = ((tl.sqrt(tf) - 1.0) * 0.5).to(tl.int64)
+        SI = ((tl.sqrt(tf) - 1.0) * 0.5).to(tl.int64)
         # fix fp32 rounding of sqrt (off by at most one)
-        I = tl.where(I * (I + 1) // 2 > t, I - 1, I)
-        I = tl.where((I + 1) * (I + 2) // 2 <= t, I + 1, I)
-        J = t - I * (I + 1) // 2
+        SI = tl.where(SI * (SI + 1) // 2 > t, SI - 1, SI)
+        SI = tl.where((SI + 1) * (SI + 2) // 2 <= t, SI + 1, SI)
+        SJ = t - SI * (SI + 1) // 2
 
-        rows = I * BS + tl.arange(0, BS).to(tl.int64)  # query positions
-        cols = J * BS + tl.arange(0, BS).to(tl.int64)  # key positions
+        rows = SI * (R * BS) + tl.arange(0, R * BS).to(tl.int64)  # query positions
+        cols = SJ * (R * BS) + tl.arange(0, R * BS).to(tl.int64)  # key positions
         dd = tl.arange(0, D).to(tl.int64)
         row_in = rows < L
         col_in = cols < L
 
-        q_base = q_ptr + b * sqb + rows[:, None] * sql + dd[None, :] * sqd  # (BS, D)
-        k_base = k_ptr + b * skb + cols[:, None] * skl + dd[None, :] * skd  # (BS, D)
+        q_base = q_ptr + b * sqb + rows[:, None] * sql + dd[None, :] * sqd  # (R*BS, D)
+        k_base = k_ptr + b * skb + cols[:, None] * skl + dd[None, :] * skd  # (R*BS, D)
 
-        acc = tl.zeros((BS, BS), dtype=tl.float32)
+        acc = tl.zeros((R * BS, R * BS), dtype=tl.float32)
         for kvh in range(n_kv_heads):
             # GQA: load each key tile once and reuse it for its GROUP query heads
             kt = tl.trans(tl.load(k_base + kvh * skh, mask=col_in[:, None], other=0.0))
@@ -241,29 +243,65 @@ if _HAS_TRITON:
             dk = tl.load(doc_ptr + b * sdb + cols * sdl, mask=col_in, other=-1)
             allowed = allowed & (dq[:, None] == dk[None, :]) & (dq[:, None] >= 0)
         acc = tl.where(allowed, acc, 0.0)
-        m = tl.max(tl.max(acc, axis=1), axis=0) * factor
-        tl.store(map_ptr + b * smb + I * smi + J * smj, m)
+        # (R*BS, R*BS) -> (R, R) block maxima: row r*BS + i of acc is (block r, offset i)
+        m = tl.max(tl.max(tl.reshape(acc, (R, BS, R, BS)), axis=3), axis=1) * factor
+        # Blocks above the diagonal hold 0 (the map's initial value); blocks past nb do not exist.
+        nb = tl.cdiv(L, BS)
+        bi = SI * R + tl.arange(0, R).to(tl.int64)
+        bj = SJ * R + tl.arange(0, R).to(tl.int64)
+        dst = map_ptr + b * smb + bi[:, None] * smi + bj[None, :] * smj
+        tl.store(dst, m, mask=(bi[:, None] < nb) & (bj[None, :] < nb))
+
+
+# --------------------------------------------------------------------------- launch config
+# Launch config when none is given, aimed at Hopper (H200): one program per 64x64 tile (R=1),
+# one warpgroup (4 warps) per 64x64 fp32 accumulator, 3 stages. For D > 128, LARGE_D_CONFIG
+# overrides it: two warpgroups and 2 stages to stay inside shared memory. (With Triton 3.9 the
+# head loop is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
+# workflows/scripts/tune_block_scores.py measures the others.
+DEFAULT_CONFIG = {"R": 1, "num_warps": 4, "num_stages": 3}
+LARGE_D_CONFIG = {"num_warps": 8, "num_stages": 2}
+CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
+
+
+def default_config(D: int) -> dict:
+    """The launch config used for head dim D when none is given."""
+    return {**DEFAULT_CONFIG, **(LARGE_D_CONFIG if D > 128 else {})}
+
+
+def _resolve_config(config, D):
+    """``config`` (None, or a dict with some of R / num_warps / num_stages) -> a full, checked config."""
+    if config is None:
+        return default_config(D)
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict with keys {sorted(CONFIG_CHOICES)} or None; got {config!r}")
+    unknown = sorted(set(config) - set(CONFIG_CHOICES))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; allowed keys: {sorted(CONFIG_CHOICES)}")
+    cfg = {**default_config(D), **config}  # missing keys take the default
+    for key, choices in CONFIG_CHOICES.items():
+        if type(cfg[key]) is not int or cfg[key] not in choices:
+            raise ValueError(f"config[{key!r}]={cfg[key]!r} not allowed; choose one of {choices}")
+    return cfg
 
 
 # --------------------------------------------------------------------------- launcher
-def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size):
+def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size, config=None):
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
+    cfg = _resolve_config(config, D)
+    R = cfg["R"]
     nb = bmap.shape[1]
-    n_tiles = nb * (nb + 1) // 2
+    nsb = -(-nb // R)  # super-blocks of R blocks
+    n_tiles = nsb * (nsb + 1) // 2
     if n_tiles == 0 or B == 0:
         return
     if n_tiles >= 2**31 or B >= 2**16:
-        raise ValueError(f"too many tiles for one launch: nb={nb} (L={L}, block_size={block_size}), B={B}")
+        raise ValueError(f"too many tiles for one launch: nb={nb} (L={L}, block_size={block_size}, R={R}), B={B}")
     has_doc = doc_ids is not None
     doc = doc_ids if has_doc else bmap  # dummy pointer, never read when HAS_DOC=False
     sdb, sdl = (doc_ids.stride(0), doc_ids.stride(1)) if has_doc else (0, 0)
     precision = "ieee" if q.dtype == torch.float32 else None  # exact fp32; 16-bit: backend default
-    # One config, aimed at Hopper (H200): one warpgroup (4 warps) per 64x64 fp32
-    # accumulator, 3-stage software pipelining of the q loads in the head loop; for
-    # D > 128 two warpgroups and 2 stages to stay inside shared memory.
-    num_warps = 4 if D <= 128 else 8
-    num_stages = 3 if D <= 128 else 2
     _block_scores_kernel[(n_tiles, B)](
         q,
         k,
@@ -279,22 +317,26 @@ def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size):
         *bmap.stride(),
         GROUP=Hq // Hkv,
         BS=block_size,
+        R=R,
         D=D,
         HAS_DOC=has_doc,
         NEG=scale < 0,
         PRECISION=precision,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 
 # --------------------------------------------------------------------------- public
 @torch.no_grad()
-def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True):
+def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True, *, config=None):
     """Triton block scores. Returns (map (B, nb, nb) fp32 or None, column sums (B, nb) fp32).
 
     q (B, Hq, L, D), k (B, Hkv, L, D) in any float dtype (may be non-contiguous);
     D and block_size must be powers of two >= 16. Memory: O(B * nb^2) floats.
+    ``config``: launch config, a dict with some of the keys R (a program covers R x R
+    blocks), num_warps and num_stages (see CONFIG_CHOICES); None or missing keys take
+    ``default_config(D)``. It changes speed, and the result only by rounding.
     Needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); use
     ``block_scores_torch`` elsewhere.
     """
@@ -316,6 +358,6 @@ def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True)
         q, k = q.float(), k.float()
     nb = -(-L // block_size)
     bmap = torch.zeros(B, nb, nb, dtype=torch.float32, device=q.device)
-    _launch_block_scores(q, k, doc_ids, bmap, scale, block_size)
+    _launch_block_scores(q, k, doc_ids, bmap, scale, block_size, config)
     colsum = bmap.sum(dim=1)
     return (bmap if return_map else None), colsum

@@ -1,0 +1,115 @@
+"""The compact residual stream (LeMoConfig.compact_stream): same function as per-layer gathering, and the
+inputs gradient checkpointing keeps in a run's later layers hold kept rows only."""
+
+import copy
+
+import pytest
+import torch
+
+from baselines.attention import attention_context
+from lemo import LeMoConfig, apply_lemo, lemo_state
+from lemo.bench.measure import count_saved_bytes
+from lemo.models.adapters import get_adapter, unwrap
+from tests.helpers import FAMILIES, assert_grads_close, patch_reference_layers, tiny_lora_model
+from tests.test_elimination import _loss_and_grads, _reference_layer
+
+# layers 0..2 of the tiny 4-layer models: a run with a first, a middle and a last layer
+CONFIG = dict(shared_selection=True, sparse_first=0, keep_ratio=0.4, block_size=16, mlp_mode="token")
+
+
+def _batch(mode: str, b=2, length=150):
+    ids = torch.randint(0, 512, (b, length))
+    batch = {"input_ids": ids, "labels": ids}
+    if mode == "padded":
+        mask = torch.ones(b, length, dtype=torch.long)
+        mask[1, 101:] = 0
+        batch["attention_mask"] = mask
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    if mode == "packed":
+        batch["position_ids"] = torch.cat([torch.arange(60), torch.arange(length - 60)])[None].expand(b, -1)
+    return batch
+
+
+def _layers(model):
+    lm = unwrap(model)
+    return get_adapter(lm.config.model_type).decoder(lm).layers
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("mode", ["simple", "padded", "packed"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compact_stream_matches_masked_dense_reference(name, mode, checkpointing):
+    if mode == "packed" and name.startswith("opt"):
+        pytest.skip("OPT's learned positions are absolute; packing is a RoPE-model feature here")
+    torch.manual_seed(2)
+    model = tiny_lora_model(name)
+    batch = _batch(mode)
+    reference = copy.deepcopy(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_lemo(model, LeMoConfig(**CONFIG, loss_tokens="all", segment_loss_tokens=0))
+    assert [layer.compact for layer in _layers(model)[:3]] == [(True, False), (False, False), (False, True)]
+    with attention_context("sdpa-math"):
+        loss, grads = _loss_and_grads(model, **batch)
+    state = lemo_state(model)
+    assert set(state.selections) == {0, 1, 2} and state.stream is None  # the run ended and let go of its input
+    keeps = patch_reference_layers(
+        reference, state, lambda layer, parts, keep: _reference_layer(layer, parts, keep, state.layout.doc_ids, "token")
+    )
+    assert all(0.2 < keep.float().mean().item() < 0.7 for keep in keeps.values())
+    with attention_context("sdpa-math"):
+        ref_loss, ref_grads = _loss_and_grads(reference, **batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "opt-tiny"])
+def test_compact_stream_equals_per_layer_movement_with_the_default_config(name):
+    torch.manual_seed(3)
+    batch = _batch("padded")
+    results = []
+    for compact in (True, False):
+        model = tiny_lora_model(name)
+        apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact))  # default loss (kept) and segments
+        assert (_layers(model)[1].compact is not None) == compact
+        results.append(_loss_and_grads(model, **batch))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    assert_grads_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoints_of_a_compact_run_hold_kept_rows_only():
+    length = 320
+    ids = torch.randint(0, 512, (1, length))
+    saved = {}
+    for compact in (True, False):
+        torch.manual_seed(4)
+        model = tiny_lora_model("llama2-tiny")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact))
+        with count_saved_bytes(model, dict(enumerate(_layers(model)))) as counted:
+            model(input_ids=ids, labels=ids)
+        saved[compact] = counted.by_module
+        kept = lemo_state(model).shared.total
+    assert 0 < kept < length
+    assert saved[True][0] == saved[False][0]  # the run's first layer keeps the full stream it gathers from
+    for i in (1, 2):  # the later layers of the run keep their (kept-row) inputs only
+        assert saved[True][i] == saved[False][i] * kept // length, i
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(shared_selection=False), dict(mlp_mode="channel"), dict(eliminated="frozen"), dict(compact_stream=False)],
+)
+def test_compact_stream_only_where_it_applies(change):
+    model = tiny_lora_model("llama2-tiny")
+    apply_lemo(model, LeMoConfig(**{**CONFIG, **change}))
+    assert all(layer.compact is None for layer in _layers(model)[:3])
+
+
+def test_non_consecutive_sparse_layers_form_runs_of_their_own():
+    model = tiny_lora_model("llama2-tiny")
+    apply_lemo(model, LeMoConfig(**{**CONFIG, "sparse_layers": [0, 2, 3]}))
+    layers = _layers(model)
+    assert [layers[i].compact for i in (0, 2, 3)] == [(True, True), (True, False), (False, True)]
+    ids = torch.randint(0, 512, (1, 96))
+    model(input_ids=ids, labels=ids).loss.backward()
