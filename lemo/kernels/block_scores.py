@@ -254,13 +254,14 @@ if _HAS_TRITON:
 
 
 # --------------------------------------------------------------------------- launch config
-# Launch config when none is given, aimed at Hopper (H200): one program per 64x64 tile (R=1),
-# one warpgroup (4 warps) per 64x64 fp32 accumulator, 3 stages. For D > 128, LARGE_D_CONFIG
-# overrides it: two warpgroups and 2 stages to stay inside shared memory. (With Triton 3.9 the
-# head loop is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
-# workflows/scripts/tune_block_scores.py measures the others.
-DEFAULT_CONFIG = {"R": 1, "num_warps": 4, "num_stages": 3}
-LARGE_D_CONFIG = {"num_warps": 8, "num_stages": 2}
+# Launch config when none is given: on the H200 (Triton 3.6, bf16, D=128) R=2 with 8 warps (two
+# warpgroups on a 128x128 fp32 accumulator) was the fastest of R in {1, 2} x warps in {4, 8} at every
+# context from 8K to 131K, MHA and GQA: 1.1-1.5x R=1 (results/h200-kernels/kernels/
+# block_scores_tuning.csv, workflows/scripts/tune_block_scores.py). R=4 spills registers. For D > 128,
+# LARGE_D_CONFIG keeps one block per program and 2 stages to stay inside shared memory. (The head loop
+# is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
+DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3}
+LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2}
 CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
 
 
