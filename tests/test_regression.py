@@ -34,9 +34,10 @@ def test_check_fails_out_of_bounds_and_on_empty_matches(ci_csv):
     assert not run_checks(frame, [Check("fine", "saved_activation_gib", "lemo-token", min=1.0)])
 
 
-def test_committed_h200_results_pass_their_thresholds():
-    csv = ROOT / "results/h200/sweep.csv"
-    checks, sweep = load_thresholds(ROOT / "workflows/thresholds/h200.yaml")
+@pytest.mark.parametrize("name", ["h200", "h200-target8k", "h200-target64k"])
+def test_committed_h200_results_pass_their_thresholds(name):
+    csv = ROOT / f"results/{name}/sweep.csv"
+    checks, sweep = load_thresholds(ROOT / f"workflows/thresholds/{name}.yaml")
     failures = run_checks(pd.read_csv(csv), checks, expand(load_sweep(sweep)))
     assert not failures, failures
 

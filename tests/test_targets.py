@@ -196,3 +196,69 @@ def test_goals_file_is_typed_and_strict(tmp_path):
         path.write_text(bad)
         with pytest.raises(ValueError, match=message):
             load_goals(path)
+
+
+def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_family_setup(tmp_path):
+    from lemo.bench.targets import max_context_target
+
+    d = tmp_path / "h200-maxctx"
+    d.mkdir()
+    rows = [  # method, cap, max context, bound, step
+        ("lora", 80.0, 88 * 1024, "memory", 25.0),
+        ("lora-liger-offload", 80.0, 184 * 1024, "time", 111.0),
+        ("longlora", 80.0, 400 * 1024, "memory", 9.0),  # not LoRA-family: approximate attention
+        ("lemo-x", 80.0, 296 * 1024, "time", 74.0),
+        ("lemo-x", None, 900 * 1024, "memory", 90.0),  # another cap: not compared
+    ]
+    pd.DataFrame(rows, columns=["method", "cap_gib", "max_context", "bound", "step_s"]).to_csv(
+        d / "max_context.csv", index=False
+    )
+    row = max_context_target(tmp_path)
+    assert row.measured.startswith("1.61x: lemo-x 296K (time, 74 s/step) vs lora-liger-offload 184K")
+    assert row.met == ("yes" if 296 / 184 >= goals().max_context.ratio else "no")
+    assert max_context_target(tmp_path / "nothing").met == "not measured"
+
+
+def test_block_score_roofline_intensity_and_default_rows(tmp_path):
+    from lemo.bench.kernel_roofline import default_rows, intensity, tuning_frame
+    from lemo.kernels.block_scores import default_config
+
+    assert intensity(32, 32, 1) == 32 and intensity(32, 32, 2) == 64  # MHA: 32 R FLOP per byte
+    assert intensity(32, 8, 2) == pytest.approx(102.4)  # GQA shares each key tile among 4 query heads
+    cfg = default_config(128)
+    rows = [
+        dict(
+            context=8192, hq=32, hkv=32, R=1, num_warps=4, num_stages=3, status="ok", passed=True, ms=1.0, tflops=300.0
+        ),
+        dict(
+            context=8192,
+            hq=32,
+            hkv=32,
+            num_stages=cfg["num_stages"],
+            R=cfg["R"],
+            num_warps=cfg["num_warps"],
+            status="ok",
+            passed=True,
+            ms=0.5,
+            tflops=600.0,
+        ),
+        dict(
+            context=8192,
+            hq=32,
+            hkv=8,
+            R=2,
+            num_warps=4,
+            num_stages=3,
+            status="error",
+            passed=False,
+            ms=None,
+            tflops=None,
+        ),
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    ceilings = {"matmul_bf16": (800.0, "TFLOP/s"), "copy_d2d": (4000.0, "GB/s")}
+    frame = tuning_frame(tmp_path / "t.csv", ceilings)
+    assert len(frame) == 2  # the failed config is not a measurement
+    assert list(frame.hbm_roofline_tflops) == [32 * 4.0, 64 * 4.0]
+    assert list(frame.of_ceiling) == [300 / 800, 600 / 800]
+    assert list(default_rows(frame).tflops) == [600.0]

@@ -49,6 +49,17 @@ class PredictorGoals:
 
 
 @dataclass(frozen=True)
+class MaxContextGoal:
+    cap_gib: float
+    ratio: float
+
+
+@dataclass(frozen=True)
+class KernelGoals:
+    ceiling_fraction: float
+
+
+@dataclass(frozen=True)
 class PaperPerplexity:
     dataset: str
     context: int
@@ -63,6 +74,8 @@ class Goals:
     target_sweeps: list[str]
     quality: QualityGoals
     predictors: PredictorGoals
+    max_context: MaxContextGoal
+    kernels: KernelGoals
     paper_perplexity: list[PaperPerplexity]
 
 
@@ -79,7 +92,16 @@ def load_goals(path: str | Path = GOALS_FILE) -> Goals:
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping")
-    known = {"ratio_targets", "budgets", "target_sweeps", "quality", "predictors", "paper_perplexity"}
+    known = {
+        "ratio_targets",
+        "budgets",
+        "target_sweeps",
+        "quality",
+        "predictors",
+        "max_context",
+        "kernels",
+        "paper_perplexity",
+    }
     if set(data) != known:
         raise ValueError(f"{where}: sections must be exactly {sorted(known)}, got {sorted(data)}")
     sweeps = data["target_sweeps"]
@@ -91,6 +113,8 @@ def load_goals(path: str | Path = GOALS_FILE) -> Goals:
         target_sweeps=list(sweeps),
         quality=typed_from_mapping(QualityGoals, data["quality"], f"{where}: quality"),
         predictors=typed_from_mapping(PredictorGoals, data["predictors"], f"{where}: predictors"),
+        max_context=typed_from_mapping(MaxContextGoal, data["max_context"], f"{where}: max_context"),
+        kernels=typed_from_mapping(KernelGoals, data["kernels"], f"{where}: kernels"),
         paper_perplexity=_list(data, "paper_perplexity", PaperPerplexity, where),
     )
 

@@ -209,6 +209,11 @@ def kernel_report(paths: list[Path], out: Path, figures: Path) -> list[Path]:
             + f" (commit `{str(first.git_commit)[:10]}`)."
         )
     for p in paths:
+        if p.stem == "block_scores_tuning":
+            from .kernel_roofline import tuning_section
+
+            parts.append(tuning_section(p, ceilings))
+            continue
         if p.stem not in SPECS:
             continue
         spec = SPECS[p.stem]

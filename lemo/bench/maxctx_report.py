@@ -85,9 +85,11 @@ def summary(frame: pd.DataFrame) -> str:
     commits = ", ".join(sorted(c[:10] for c in frame.git_commit.dropna().astype(str).unique()))
     return "\n".join(
         [
-            f"Max trainable context, one training step per probe, measured on {gpu} (commit {commits}): doubling, then "
-            "bisection at the sweep's granularity; a cap is torch.cuda.set_per_process_memory_fraction. Bound = what "
-            "ended the search (lemo.bench.maxctx).",
+            f"Max trainable context, one training step per probe, measured on {gpu} (commit {commits}): doubling, a "
+            "jump to the context the peak-memory fit predicts, galloping, then bisection at the sweep's granularity; a "
+            "cap is torch.cuda.set_per_process_memory_fraction. Bound = what ended the search (lemo.bench.maxctx): "
+            '"memory" = the next probe ran out of memory; "time" = a longer step was predicted over the sweep\'s '
+            "time bound, so memory would allow more.",
             "",
             table(frame),
             "",
@@ -122,6 +124,6 @@ def figure(frame: pd.DataFrame, out: Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # long method labels widen the figure, not clip the title
     plt.close(fig)
     return out

@@ -302,17 +302,65 @@ def kernel_rows(results: Path) -> list[Row]:
     return rows
 
 
+def max_context_target(results: Path) -> Row:
+    """LeMo's longest trainable context under the cap against the best LoRA-family setup's (lemo.bench.maxctx)."""
+    from .maxctx_report import is_lora_family
+
+    g = goals().max_context
+    label = f"max trainable context, Llama-2-7B shape, under a {g.cap_gib:g} GiB cap"
+    goal = f">= {g.ratio:.1f}x the best LoRA-family setup"
+    csv = results / "h200-maxctx" / "max_context.csv"
+    if not csv.exists():
+        return Row(label, goal, "", _mark(None), "")
+    m = pd.read_csv(csv)
+    m = m[m.cap_gib == g.cap_gib]
+    lora, lemo = m[m.method.map(is_lora_family)], m[m.method.str.startswith("lemo")]
+    if not len(lora) or not len(lemo):
+        return Row(label, goal, "", _mark(None), str(csv))
+    best, ours = lora.loc[lora.max_context.idxmax()], lemo.loc[lemo.max_context.idxmax()]
+    ratio = ours.max_context / best.max_context
+
+    def text(r):
+        return f"{r.method} {int(r.max_context) // 1024}K ({r.bound}, {r.step_s:.0f} s/step)"
+
+    return Row(label, goal, f"{ratio:.2f}x: {text(ours)} vs {text(best)}", _mark(ratio >= g.ratio), str(csv))
+
+
+def block_score_kernel_target(results: Path) -> Row:
+    """The block-score kernel in its default launch config against the bf16 matmul ceiling, every size tuned."""
+    from .kernel_roofline import default_rows, tuning_frame
+
+    goal = goals().kernels.ceiling_fraction
+    label = "block-score kernel (default launch config) vs the measured bf16 matmul ceiling"
+    k = results / "h200-kernels" / "kernels"
+    path = k / "block_scores_tuning.csv"
+    if not path.exists() or not (k / "ceilings.csv").exists():
+        return Row(label, f">= {goal:.0%}", "", _mark(None), "")
+    d = default_rows(tuning_frame(path, _ceilings([k / "ceilings.csv"])))
+    if not len(d):
+        return Row(label, f">= {goal:.0%}", "", _mark(None), str(path))
+    worst = d.loc[d.of_ceiling.idxmin()]
+    text = (
+        f"{d.of_ceiling.min():.0%}-{d.of_ceiling.max():.0%} ({d.tflops.min():.0f}-{d.tflops.max():.0f} TFLOP/s) at "
+        f"{d.context.min() // 1024}K-{d.context.max() // 1024}K; bound by tile loads: "
+        f"{worst.flop_per_byte:.0f} FLOP/byte at {worst.hq}/{worst.hkv} heads (kernel summary: roofline)"
+    )
+    return Row(label, f">= {goal:.0%}", text, _mark(bool(d.of_ceiling.min() >= goal)), str(path))
+
+
 def target_rows(results: Path) -> list[Row]:
     results = Path(results)
     return [
         *(ratio_target(results, t) for t in goals().ratio_targets),
         never_slower_target(results),
+        max_context_target(results),
         budget_target(results),
         *quality_rows(results / "accuracy" / "smollm2"),
         perplexity_target(results / "accuracy" / "small" / "accuracy.csv"),
         recall_target(results / "accuracy" / "smollm2" / "predictors" / "recall.csv", "SmolLM2-135M, RoPE x4"),
         recall_target(results / "accuracy" / "small" / "predictors" / "recall.csv", "17M toy model"),
         overhead_target(results),
+        block_score_kernel_target(results),
         *kernel_rows(results),
     ]
 

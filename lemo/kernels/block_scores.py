@@ -257,7 +257,7 @@ if _HAS_TRITON:
 # Launch config when none is given: on the H200 (Triton 3.6, bf16, D=128) R=2 with 8 warps (two
 # warpgroups on a 128x128 fp32 accumulator) was the fastest of R in {1, 2} x warps in {4, 8} at every
 # context from 8K to 131K, MHA and GQA: 1.1-1.5x R=1 (results/h200-kernels/kernels/
-# block_scores_tuning.csv, workflows/scripts/tune_block_scores.py). R=4 spills registers. For D > 128,
+# block_scores_tuning.csv, workflows/scripts/bench_block_scores_tuning.py). R=4 spills registers. For D > 128,
 # LARGE_D_CONFIG keeps one block per program and 2 stages to stay inside shared memory. (The head loop
 # is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
 DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3}

@@ -8,7 +8,7 @@ counted), max relative error and whether it passed. Configs that fail to compile
 recorded with the error's first line. To keep the run short, a context only times the configs that
 passed within PRUNE x the best time at the previous (smaller) context; the others get status pruned.
 Ends with the best config per (context, hq, hkv).
-Usage: python workflows/scripts/tune_block_scores.py OUT.csv [CONTEXT ...]
+Usage: python workflows/scripts/bench_block_scores_tuning.py OUT.csv [CONTEXT ...]
 """
 
 import itertools
