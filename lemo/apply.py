@@ -7,7 +7,7 @@ computation, so recomputation never re-scores. A forward pre-hook on the decoder
 mask and position ids; the causal LM's forward is wrapped for the segmented loss. PEFT LoRA may be
 applied before or after; `remove_lemo` restores every layer, MLP and forward it touched.
 
-With Liger-Kernel (baselines.liger) the order is LoRA -> Liger -> LeMo: Liger binds its RMSNorm,
+With Liger-Kernel (lemo_baselines.liger) the order is LoRA -> Liger -> LeMo: Liger binds its RMSNorm,
 SwiGLU and FLCE forwards on the instances (and its RoPE in the Llama module, used by the dense layers'
 attention); LeMo then replaces the norm and MLP forwards it has its own version of (efficient_norm,
 channel MLP) and wraps the LM forward for the segmented loss; `remove_lemo` puts Liger's forwards

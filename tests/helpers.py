@@ -2,8 +2,8 @@
 
 import torch
 
-from baselines.lora import apply_lora
 from lemo.models.registry import build_model
+from lemo_baselines.lora import apply_lora
 
 FAMILIES = ["llama2-tiny", "llama3-tiny", "qwen2.5-tiny", "opt-tiny"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines.attention import BACKENDS, attention_context, get_backend, require_available, unavailable_reason
+from lemo_baselines.attention import BACKENDS, attention_context, get_backend, require_available, unavailable_reason
 
 
 def test_unknown_backend_lists_known():

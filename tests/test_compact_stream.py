@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import get_adapter, unwrap
+from lemo_baselines.attention import attention_context
 from tests.helpers import FAMILIES, assert_grads_close, patch_reference_layers, tiny_lora_model
 from tests.test_elimination import _loss_and_grads, _reference_layer
 

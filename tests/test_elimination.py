@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from baselines.attention import attention_context
-from baselines.lora import apply_lora
 from lemo import LeMoConfig, apply_lemo, lemo_state, remove_lemo
 from lemo.models.adapters import get_adapter, unwrap
 from lemo.models.registry import build_model
+from lemo_baselines.attention import attention_context
+from lemo_baselines.lora import apply_lora
 from tests.helpers import FAMILIES, assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 
 

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
+from lemo_baselines.attention import attention_context
 from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo
 from lemo.kernels.block_scores import block_scores, block_scores_reference, block_scores_torch
 from lemo.models.registry import build_model
 from lemo.segment_loss import segmented_lm_loss
+from lemo_baselines.attention import attention_context
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

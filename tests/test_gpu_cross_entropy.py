@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo
 from lemo.kernels.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from lemo.models.registry import build_model
 from lemo.segment_loss import segmented_lm_loss
+from lemo_baselines.attention import attention_context
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

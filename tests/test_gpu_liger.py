@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from baselines.attention import attention_context
-from baselines.liger import apply_liger, remove_liger
-from baselines.lora import LoraOptions, apply_lora
 from lemo import LeMoConfig, apply_lemo, remove_lemo
 from lemo.models.registry import build_model
+from lemo_baselines.attention import attention_context
+from lemo_baselines.liger import apply_liger, remove_liger
+from lemo_baselines.lora import LoraOptions, apply_lora
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

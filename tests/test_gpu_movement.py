@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.bench.measure import count_saved_bytes
 from lemo.kernels import movement as mv
+from lemo_baselines.attention import attention_context
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from baselines.liger import LigerOptions, apply_liger, remove_liger
 from lemo import LeMoConfig, apply_lemo, remove_lemo
 from lemo.bench.methods import get_method
 from lemo.models.registry import build_model
+from lemo_baselines.liger import LigerOptions, apply_liger, remove_liger
 
 from .helpers import assert_grads_close, lora_grads, tiny_lora_model
 from .liger_interpret import liger_on_this_machine

@@ -13,10 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from baselines import longlora
-from baselines.lora import apply_lora
 from lemo.bench.methods import get_method
 from lemo.models.registry import build_model
+from lemo_baselines import longlora
+from lemo_baselines.lora import apply_lora
 from tests.helpers import assert_grads_close, lora_grads
 
 LLAMA_FAMILIES = ["llama2-tiny", "llama3-tiny", "qwen2.5-tiny"]

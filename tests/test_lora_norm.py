@@ -102,8 +102,8 @@ def test_remove_lemo_restores_the_adapters():
 
 
 def test_adapters_added_after_lemo_are_patched_and_restored():
-    from baselines.lora import apply_lora
     from lemo.models.registry import build_model
+    from lemo_baselines.lora import apply_lora
 
     base = apply_lemo(build_model("llama2-tiny", dtype=torch.float32), LeMoConfig(keep_ratio=0.5, block_size=16))
     model = apply_lora(base)

@@ -4,13 +4,13 @@ through the Triton interpreter), and movement_kernel="triton" against "torch" on
 import pytest
 import torch
 
-from baselines.attention import attention_context
-from baselines.lora import apply_lora
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.bench.measure import count_saved_bytes
 from lemo.kernels import movement as mv
 from lemo.models.adapters import unwrap
 from lemo.models.registry import build_model
+from lemo_baselines.attention import attention_context
+from lemo_baselines.lora import apply_lora
 from tests.helpers import assert_grads_close, lora_grads, tiny_lora_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)

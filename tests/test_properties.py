@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.layout import make_layout
 from lemo.selection import block_valid, select_blocks, tokens_from_blocks
+from lemo_baselines.attention import attention_context
 from tests.helpers import assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
 from tests.test_elimination import _reference_layer
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from baselines.attention import attention_context
 from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import get_adapter, unwrap
+from lemo_baselines.attention import attention_context
 from tests.helpers import tiny_lora_model
 
 

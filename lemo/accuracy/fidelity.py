@@ -263,7 +263,7 @@ def fidelity_experiment(
 
     merge: update an existing out_csv, replacing only these variants' rows (a screen of new variants
     keeps the committed ones; its own dense reference rows are dropped where the file has them)."""
-    from baselines.lora import apply_lora
+    from lemo_baselines.lora import apply_lora
 
     from ..bench.provenance import provenance
     from .corpus import sample_windows

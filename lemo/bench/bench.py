@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from baselines.attention import attention_context, get_backend, set_model_backend, unavailable_reason
+from lemo_baselines.attention import attention_context, get_backend, set_model_backend, unavailable_reason
 
 from ..models.registry import build_model, get_spec, rope_scale_factor
 from .measure import saved_activation_bytes, time_steps, train_step

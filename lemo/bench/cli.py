@@ -160,7 +160,7 @@ def _info(args) -> int:
 
     import torch
 
-    from baselines.attention import BACKENDS, unavailable_reason
+    from lemo_baselines.attention import BACKENDS, unavailable_reason
 
     from .provenance import provenance
 

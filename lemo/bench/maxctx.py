@@ -210,7 +210,7 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
     """Run (or resume) one search on this machine; writes a record per probe and result.json in `out_dir`."""
     import torch
 
-    from baselines.attention import get_backend, unavailable_reason
+    from lemo_baselines.attention import get_backend, unavailable_reason
 
     from ..models.registry import build_model, get_spec
     from .bench import JobRunner, write_record
@@ -240,7 +240,7 @@ def run_search(sweep: dict, search_id: str, out_dir: Path, log=log.info) -> dict
         attn_implementation=get_backend(s.point.attention).hf_implementation,
         seed=s.point.seed,
     )
-    from baselines.attention import set_model_backend
+    from lemo_baselines.attention import set_model_backend
 
     set_model_backend(model, s.point.attention)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from baselines import liger, longlora, lora
+from lemo_baselines import liger, longlora, lora
 
 from ..apply import apply_lemo, remove_lemo
 from ..config import LeMoConfig

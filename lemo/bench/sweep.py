@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from baselines.attention import BACKENDS
+from lemo_baselines.attention import BACKENDS
 
 from ..models.registry import REGISTRY
 from .methods import METHODS
@@ -27,7 +27,7 @@ GROUP_KEYS = {"models", "attention", "gradient_checkpointing", "contexts", "meth
 GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "one_process"}
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
 # checkpointing the layer inputs, kept in host memory during the step; see lemo.bench.measure.offloading).
-# `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of baselines.liger.LigerOptions).
+# `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of lemo_baselines.liger.LigerOptions).
 METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
 OPTION_KEYS = {
     "lora": {"lora"},
@@ -125,8 +125,8 @@ def _unknown(where: str, data: dict, known: set) -> None:
 def method_options(spec: dict, where: str, default_lora: dict | None = None) -> None:
     """A method entry ({method, options...}) whose options build: unknown or mistyped options fail here,
     before any model is built."""
-    from baselines.longlora import LongLoraOptions
-    from baselines.lora import LoraOptions
+    from lemo_baselines.longlora import LongLoraOptions
+    from lemo_baselines.lora import LoraOptions
 
     from ..config import LeMoConfig, check_types, from_fields
 

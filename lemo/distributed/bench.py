@@ -37,7 +37,7 @@ GIB = 2**30
 def _setup(p: DistPoint, model):
     """The point's method; under sp, LoRA is the same Ulysses path with every block kept (dense attention
     and MLP, no scoring), so LoRA and LeMo differ only in what LeMo eliminates."""
-    from baselines.lora import setup as lora_setup
+    from lemo_baselines.lora import setup as lora_setup
 
     from ..apply import apply_lemo
     from .sequence import apply_sequence_parallel
@@ -88,7 +88,7 @@ def _sync(device):
 
 
 def measure(p: DistPoint) -> dict:
-    from baselines.attention import attention_context, set_model_backend
+    from lemo_baselines.attention import attention_context, set_model_backend
 
     from ..models.registry import build_model
 
