@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .results import markdown_table  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -95,7 +97,7 @@ def kernel_table(d: pd.DataFrame, spec: Spec, ceilings: dict) -> str:
     for rate, ceiling in spec.rates:
         cap, unit = ceilings.get(ceiling, (None, None))
         head.append(f"{spec.fast} {rate}" + (f" (% of {cap:.0f} {unit})" if cap else ""))
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for (context, variant), g in d.groupby(["context", "variant"]):
         by = {r.impl_name: r for r in g.itertuples()}
         cells = [str(context)] + ([variant] if spec.split else [])
@@ -109,8 +111,8 @@ def kernel_table(d: pd.DataFrame, spec: Spec, ceilings: dict) -> str:
             value = getattr(r, rate) if r is not None else float("nan")
             cap = ceilings.get(ceiling, (None,))[0]
             cells.append("" if pd.isna(value) else f"{value:.0f}" + (f" ({100 * value / cap:.0f}%)" if cap else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 # One colour per implementation in every kernel figure (liger in lora-liger's colour); others: method_color.

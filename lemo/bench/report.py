@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .goals import RatioTarget, goals
-from .results import memory_metric, strongest_ratios, wide
+from .results import markdown_table, memory_metric, strongest_ratios, wide
 
 
 def _fmt(x, digits=2):
@@ -27,15 +27,13 @@ def _status(row, col, digits=2):
 def _pivot_table(
     w: pd.DataFrame, metric: str, methods: list[str], baseline: str, higher_is_better: bool, digits: int
 ) -> str:
-    lines = []
+    rows = []
     cols = [m for m in methods if m in set(w.method)]
     head = (
         ["model", "attention", "context"]
         + cols
         + [f"{baseline}/{m}" if not higher_is_better else f"{m}/{baseline}" for m in cols if m != baseline]
     )
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
     for (model, attention, context), grp in w.groupby(["model", "attention", "context"]):
         by = {r.method: r for r in grp.itertuples()}
         if baseline not in by:
@@ -56,8 +54,8 @@ def _pivot_table(
                 else getattr(base, metric) / getattr(r, metric)
             )
             cells.append(f"{ratio:.2f}x")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows) if rows else ""
 
 
 def target_points(frame: pd.DataFrame, target: RatioTarget, same_run: bool = False) -> pd.DataFrame:
@@ -76,21 +74,18 @@ def target_points(frame: pd.DataFrame, target: RatioTarget, same_run: bool = Fal
 def targets(frame: pd.DataFrame) -> str:
     """Each LeMo variant against each target we measure: the ratio to the strongest LoRA-family row
     (lowest value on any backend; lora, lora-liger, offloaded or not), and to plain LoRA on its backend."""
-    lines = [
-        "| target | model | LeMo variant | backend | LeMo | strongest LoRA-family | its value | ratio | "
-        "plain LoRA, same backend | ratio | target | paper (A800, plain LoRA) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["target", "model", "LeMo variant", "backend", "LeMo", "strongest LoRA-family", "its value", "ratio"]
+    head += ["plain LoRA, same backend", "ratio vs plain LoRA", "target", "paper (A800, plain LoRA)"]
+    rows = []
     for t in goals().ratio_targets:
         label, model, goal, paper = t.label, t.model, t.goal, t.paper
         for r in target_points(frame, t).itertuples():
-            plain = "" if pd.isna(r.lora) else f"{r.lora:.2f} | {r.lora_ratio:.2f}x"
-            lines.append(
-                f"| {label} | {model} | {r.method} | {r.attention} | {r.value:.2f} | "
-                f"{r.base_method} ({r.base_attention}) | {r.base:.2f} | {r.ratio:.2f}x | "
-                f"{plain or ' | '} | {goal:.2f}x | {paper:.2f}x |"
+            plain = ["", ""] if pd.isna(r.lora) else [f"{r.lora:.2f}", f"{r.lora_ratio:.2f}x"]
+            rows.append(
+                [label, model, r.method, r.attention, f"{r.value:.2f}", f"{r.base_method} ({r.base_attention})"]
+                + [f"{r.base:.2f}", f"{r.ratio:.2f}x", *plain, f"{goal:.2f}x", f"{paper:.2f}x"]
             )
-    return "\n".join(lines)
+    return markdown_table(head, rows) if rows else ""
 
 
 MEMORY_VIEWS = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
@@ -109,11 +104,9 @@ def budgets(frame: pd.DataFrame) -> str:
     row shows the peak reached before failing, not what the step needed; points that were skipped or
     failed say nothing about the budget ("-")."""
     w = wide(frame)
-    lines = [
-        "| target | model | backend | method | status | step (s) | peak allocated (GiB) | peak reserved (GiB) | "
-        "device peak, NVML (GiB) | within |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["target", "model", "backend", "method", "status", "step (s)", "peak allocated (GiB)"]
+    head += ["peak reserved (GiB)", "device peak, NVML (GiB)", "within"]
+    rows = []
     for b in goals().budgets:
         label, model, budget = b.label, b.model, b.budget_gib
         pts = w[(w.model == model) & (w.gradient_checkpointing == b.gradient_checkpointing) & (w.context == b.context)]
@@ -129,9 +122,8 @@ def budgets(frame: pd.DataFrame) -> str:
                 if within == "yes" and pd.isna(views[-1]):
                     within = "yes (allocator)"
             cells = [label, model, r.attention, r.method, r.status.upper(), _fmt(getattr(r, "step_s", float("nan")), 1)]
-            cells += [_fmt(v, 1) for v in views] + [within]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells + [_fmt(v, 1) for v in views] + [within])
+    return markdown_table(head, rows) if rows else ""
 
 
 def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
@@ -142,11 +134,9 @@ def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
     paper = paper[(paper.gpu == "a800") & (paper.method == "lora") & (paper.metric == "peak_allocated_mib")]
     probe = pd.read_csv(probe_csv)
     names = {"llama2-7b": "llama2", "llama3-8b": "llama3"}
-    lines = [
-        "| model | recompute | context | ours: LoRA fp32 adapters (PEFT default) | ours: LoRA bf16 adapters | "
-        "earlier H200 probe | paper A800 |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    head = ["model", "recompute", "context", "ours: LoRA fp32 adapters (PEFT default)", "ours: LoRA bf16 adapters"]
+    head += ["earlier H200 probe", "paper A800"]
+    rows = []
     for (model, gc, context), grp in w.groupby(["model", "gradient_checkpointing", "context"]):
         by = {r.method: r.peak_allocated_gib for r in grp.itertuples()}
         p = paper[(paper.model == names.get(model)) & (paper.context == context) & (paper.recompute == gc)]
@@ -157,12 +147,11 @@ def anchors(frame: pd.DataFrame, paper_csv: Path, probe_csv: Path) -> str:
             & probe.attention.str.startswith("sdpa default")
         ]
         cell = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(
-            f"| {model} | {gc} | {context} | {cell(by.get('lora-fp32'))} | {cell(by.get('lora'))} | "
-            f"{cell(q.peak_allocated_gib.iloc[0] if len(q) else None)} | "
-            f"{cell(p.value.iloc[0] / 1024 if len(p) else None)} |"
+        rows.append(
+            [model, str(gc), str(context), cell(by.get("lora-fp32")), cell(by.get("lora"))]
+            + [cell(q.peak_allocated_gib.iloc[0] if len(q) else None), cell(p.value.iloc[0] / 1024 if len(p) else None)]
         )
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
 def summary(
@@ -181,7 +170,7 @@ def summary(
         "",
     ]
     target_table = targets(frame)
-    if target_table.count("\n") > 1:
+    if target_table:
         out += [
             "**Targets against the strongest LoRA-family row of the point, any backend (see the commits above "
             "for which points share a run)**",
@@ -190,7 +179,7 @@ def summary(
             "",
         ]
     budget_table = budgets(frame)
-    if budget_table.count("\n") > 1:
+    if budget_table:
         out += ["**Memory budget targets (OOM = out of memory on this GPU)**", "", budget_table, ""]
     if paper_csv is not None and probe_csv is not None and "lora-fp32" in set(w.method):
         out += [
@@ -233,23 +222,13 @@ def summary(
     prof = w[w[time_cols].notna().any(axis=1)] if time_cols else w.iloc[0:0]
     if len(prof):
         head = ["model", "attention", "recompute", "context", "method", "step_s"] + [c[5:-2] for c in time_cols]
-        out += [
-            "**Where device time goes (s, one profiled step, by kernel category)**",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
+        rows = [
+            [r.model, r.attention, str(r.gradient_checkpointing), str(r.context), r.method, _fmt(r.step_s, 3)]
+            + [_fmt(getattr(r, c), 3) for c in time_cols]
+            for r in prof.sort_values(["model", "gradient_checkpointing", "context", "method"]).itertuples()
         ]
-        for r in prof.sort_values(["model", "gradient_checkpointing", "context", "method"]).itertuples():
-            cells = [
-                r.model,
-                r.attention,
-                str(r.gradient_checkpointing),
-                str(r.context),
-                r.method,
-                _fmt(r.step_s, 3),
-            ] + [_fmt(getattr(r, c), 3) for c in time_cols]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["**Where device time goes (s, one profiled step, by kernel category)**", ""]
+        out += [markdown_table(head, rows), ""]
     return "\n".join(out)
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from .goals import RatioTarget, goals
 from .kernel_report import SPECS, _ceilings, _load
 from .report import largest_memory_view, target_points
-from .results import strongest_ratios, wide
+from .results import markdown_table, strongest_ratios, wide
 
 # The sweeps each ratio target is looked for in (all that exist are read).
 # The options that make a LeMo row "the default method" (kernels and scorer aside: they change speed, not
@@ -282,6 +282,8 @@ def kernel_rows(results: Path) -> list[Row]:
         path = k / f"{name}.csv"
         if not spec.rates or not path.exists():
             continue
+        if name == "block_scores" and (k / "block_scores_tuning.csv").exists():
+            continue  # block_score_kernel_target reads the tuning run, which measured today's launch config
         rate, ceiling = spec.rates[0]
         d = _load(path, spec)
         d = d[(d.impl_name == spec.fast) & d[rate].notna()]
@@ -366,9 +368,7 @@ def target_rows(results: Path) -> list[Row]:
 
 
 def targets_table(results: Path) -> str:
-    lines = ["| target | goal | measured | met | read from |", "|---|---|---|---|---|"]
-    for r in target_rows(results):
-        lines.append(
-            f"| {r.target} | {r.goal} | {r.measured} | {r.met} | {r.source.replace(str(results), 'results')} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [r.target, r.goal, r.measured, r.met, r.source.replace(str(results), "results")] for r in target_rows(results)
+    ]
+    return markdown_table(["target", "goal", "measured", "met", "read from"], rows)
