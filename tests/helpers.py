@@ -50,3 +50,17 @@ def patch_reference_layers(reference, state, make_forward):
         keeps[i] = keep.view(b, length)
         layers[i].forward = make_forward(layers[i], adapter.parts(layers[i]), keeps[i])
     return keeps
+
+
+def layout_batch(mode: str, b: int = 2, length: int = 150) -> dict:
+    """A training batch of one layout: "simple" rows, "padded" (row 1 padded from 101), or "packed" (two
+    documents a row, positions restarting at 60)."""
+    ids = torch.randint(0, 512, (b, length))
+    batch = {"input_ids": ids, "labels": ids}
+    if mode == "padded":
+        mask = torch.ones(b, length, dtype=torch.long)
+        mask[1, 101:] = 0
+        batch.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    elif mode == "packed":
+        batch["position_ids"] = torch.cat([torch.arange(60), torch.arange(length - 60)])[None].expand(b, -1)
+    return batch

@@ -10,24 +10,11 @@ from lemo import LeMoConfig, apply_lemo, lemo_state
 from lemo.bench.measure import count_saved_bytes
 from lemo.models.adapters import get_adapter, unwrap
 from lemo_baselines.attention import attention_context
-from tests.helpers import FAMILIES, assert_grads_close, patch_reference_layers, tiny_lora_model
+from tests.helpers import FAMILIES, assert_grads_close, layout_batch, patch_reference_layers, tiny_lora_model
 from tests.test_elimination import _loss_and_grads, _reference_layer
 
 # layers 0..2 of the tiny 4-layer models: a run with a first, a middle and a last layer
 CONFIG = dict(shared_selection=True, sparse_first=0, keep_ratio=0.4, block_size=16, mlp_mode="token")
-
-
-def _batch(mode: str, b=2, length=150):
-    ids = torch.randint(0, 512, (b, length))
-    batch = {"input_ids": ids, "labels": ids}
-    if mode == "padded":
-        mask = torch.ones(b, length, dtype=torch.long)
-        mask[1, 101:] = 0
-        batch["attention_mask"] = mask
-        batch["labels"] = ids.masked_fill(mask == 0, -100)
-    if mode == "packed":
-        batch["position_ids"] = torch.cat([torch.arange(60), torch.arange(length - 60)])[None].expand(b, -1)
-    return batch
 
 
 def _layers(model):
@@ -43,7 +30,7 @@ def test_compact_stream_matches_masked_dense_reference(name, mode, checkpointing
         pytest.skip("OPT's learned positions are absolute; packing is a RoPE-model feature here")
     torch.manual_seed(2)
     model = tiny_lora_model(name)
-    batch = _batch(mode)
+    batch = layout_batch(mode)
     reference = copy.deepcopy(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -66,7 +53,7 @@ def test_compact_stream_matches_masked_dense_reference(name, mode, checkpointing
 @pytest.mark.parametrize("name", ["llama2-tiny", "opt-tiny"])
 def test_compact_stream_equals_per_layer_movement_with_the_default_config(name):
     torch.manual_seed(3)
-    batch = _batch("padded")
+    batch = layout_batch("padded")
     results = []
     for compact in (True, False):
         model = tiny_lora_model(name)

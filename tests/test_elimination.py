@@ -11,7 +11,14 @@ from lemo.models.adapters import get_adapter, unwrap
 from lemo.models.registry import build_model
 from lemo_baselines.attention import attention_context
 from lemo_baselines.lora import apply_lora
-from tests.helpers import FAMILIES, assert_grads_close, lora_grads, patch_reference_layers, tiny_lora_model
+from tests.helpers import (
+    FAMILIES,
+    assert_grads_close,
+    layout_batch,
+    lora_grads,
+    patch_reference_layers,
+    tiny_lora_model,
+)
 
 
 def _loss_and_grads(model, **batch):
@@ -131,21 +138,11 @@ def _reference_layer(layer, parts, keep, doc_ids, mlp_mode):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("mode", ["simple", "padded", "packed"])
 def test_sparse_layers_match_masked_dense_reference(name, mode):
+    if mode == "packed" and name.startswith("opt"):
+        pytest.skip("OPT's learned positions are absolute; packing is a RoPE-model feature here")
     torch.manual_seed(1)
     model = tiny_lora_model(name)
-    b, length = (1, 77) if mode == "simple" else (2, 150)
-    ids = torch.randint(0, 512, (b, length))
-    batch = {"input_ids": ids, "labels": ids}
-    if mode == "padded":
-        mask = torch.ones(b, length, dtype=torch.long)
-        mask[1, 101:] = 0
-        batch["attention_mask"] = mask
-        batch["labels"] = ids.masked_fill(mask == 0, -100)
-    if mode == "packed":
-        if name.startswith("opt"):
-            pytest.skip("OPT's learned positions are absolute; packing is a RoPE-model feature here")
-        pos = torch.cat([torch.arange(60), torch.arange(90)])[None].expand(b, -1)
-        batch["position_ids"] = pos
+    batch = layout_batch(mode, *((1, 77) if mode == "simple" else (2, 150)))
     reference = copy.deepcopy(model)
     cfg = LeMoConfig(
         shared_selection=False,
