@@ -45,6 +45,7 @@ class _ForwardState:
     selections: dict = field(default_factory=dict)  # layer index -> Selection, for inspection and tests
     shared: Selection | None = None  # the one selection of all sparse layers (shared_selection)
     stream: _Stream | None = None  # the compact run in progress (LeMoConfig.compact_stream)
+    layerdrop: bool = False  # the decoder may skip layers (OPT's layerdrop): a skipped one could end no run
 
 
 @dataclass
@@ -98,7 +99,7 @@ class LeMoLayer(nn.Module):
             )
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
-        if self.compact is not None and self.compact[0] and sel.total:  # a compact run starts here
+        if self.compact is not None and self.compact[0] and sel.total and not self.state.layerdrop:  # a run starts
             positions = kwargs.get("position_embeddings")
             positions = gather_positions(positions, sel, hidden_states.shape[1]) if parts.rope else None
             self.state.stream = _Stream(hidden_states, positions)
@@ -117,13 +118,13 @@ class LeMoLayer(nn.Module):
         )
         return self._checkpointed(run, hidden_states)
 
-    def _checkpointed(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _checkpointed(self, run, *inputs: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                 checkpoint, use_reentrant=False
             )
-            return ckpt(run, hidden_states)
-        return run(hidden_states)
+            return ckpt(run, *inputs)
+        return run(*inputs)
 
     def _compact_step(self, hidden_states: torch.Tensor, sel: Selection, gather: bool) -> torch.Tensor:
         """This layer of the compact run in progress (lemo.elimination.compact_layer)."""
@@ -132,15 +133,17 @@ class LeMoLayer(nn.Module):
         scatter_into = None
         if self.compact[1]:  # the run's last layer: the run's input goes into this layer's closure only
             scatter_into, self.state.stream = stream.full, None
-        run = functools.partial(
-            compact_layer,
-            self.adapter.parts(self),
-            sel=sel,
-            positions=stream.positions,
-            gather=gather,
-            scatter_into=scatter_into,
-        )
-        return self._checkpointed(run, hidden_states)
+        parts = self.adapter.parts(self)
+        if scatter_into is None:
+            run = functools.partial(compact_layer, parts, sel=sel, positions=stream.positions, gather=gather)
+            return self._checkpointed(run, hidden_states)
+
+        # The run's input is a checkpoint input, not a closure: reentrant checkpointing gives gradients to
+        # inputs only (a closure tensor would be backpropagated through twice).
+        def run(hidden, full):
+            return compact_layer(parts, hidden, sel, stream.positions, gather, scatter_into=full)
+
+        return self._checkpointed(run, hidden_states, scatter_into)
 
     def _dense(self, hidden_states: torch.Tensor, *args, **kwargs):
         """The original layer (as in eval mode), checkpointed like the sparse path when that is on."""
@@ -260,6 +263,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.selections = {}
         state.shared = None
         state.stream = None
+        state.layerdrop = bool(module.training and getattr(module, "layerdrop", 0.0))
         if recompute:
             patch_lora_a(decoder, lora_a)
         if (module.training or config.active_in_eval) and kwargs.get("use_cache") is not False:

@@ -143,8 +143,9 @@ class LeMoConfig:
     loss_tokens: str = "kept"
     # With shared_selection, token MLP mode and eliminated="skip": consecutive sparse layers run on the kept
     # rows alone, gathered once by the first and scattered back once by the last (lemo.elimination.
-    # compact_layer). Same function; the inputs gradient checkpointing keeps hold kept rows only. Ignored
-    # where it does not apply.
+    # compact_layer). Same function; the inputs gradient checkpointing keeps hold kept rows only; the
+    # layers of a run move no rows, so movement_kernel applies outside runs only. Ignored where it does not
+    # apply (and under OPT's layerdrop).
     compact_stream: bool = True
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.

@@ -67,7 +67,7 @@ def test_compact_stream_equals_per_layer_movement_with_the_default_config(name):
 def test_checkpoints_of_a_compact_run_hold_kept_rows_only():
     length = 320
     ids = torch.randint(0, 512, (1, length))
-    saved = {}
+    saved, totals = {}, {}
     for compact in (True, False):
         torch.manual_seed(4)
         model = tiny_lora_model("llama2-tiny")
@@ -75,12 +75,15 @@ def test_checkpoints_of_a_compact_run_hold_kept_rows_only():
         apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact))
         with count_saved_bytes(model, dict(enumerate(_layers(model)))) as counted:
             model(input_ids=ids, labels=ids)
-        saved[compact] = counted.by_module
+        saved[compact], totals[compact] = counted.by_module, counted.total
         kept = lemo_state(model).shared.total
     assert 0 < kept < length
-    assert saved[True][0] == saved[False][0]  # the run's first layer keeps the full stream it gathers from
-    for i in (1, 2):  # the later layers of the run keep their (kept-row) inputs only
-        assert saved[True][i] == saved[False][i] * kept // length, i
+    full = saved[False][0]  # one layer input: the run's first layer keeps the full stream it gathers from
+    assert saved[True][0] == full
+    assert saved[True][1] == full * kept // length  # a middle layer keeps its kept-row input only
+    # the last layer also holds the run's input (to scatter into): layer 0's own storage, counted once in total
+    assert saved[True][2] == full * kept // length + full
+    assert totals[True] == totals[False] - 2 * (full - full * kept // length)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +103,54 @@ def test_non_consecutive_sparse_layers_form_runs_of_their_own():
     assert [layers[i].compact for i in (0, 2, 3)] == [(True, True), (True, False), (False, True)]
     ids = torch.randint(0, 512, (1, 96))
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_with_a_dense_layer_before_the_run(reentrant):
+    """Reentrant checkpointing gives gradients to checkpoint inputs only: the run's input reaches its last
+    layer as one, so the eliminated rows' gradient takes the same path as without the compact stream."""
+    torch.manual_seed(5)
+    batch = layout_batch("padded")
+    results = []
+    for compact in (True, False):
+        model = tiny_lora_model("llama2-tiny")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        apply_lemo(model, LeMoConfig(**{**CONFIG, "sparse_first": 1}, loss_tokens="all", compact_stream=compact))
+        assert (_layers(model)[1].compact is not None) == compact
+        results.append(_loss_and_grads(model, **batch))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    assert_grads_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_layerdrop_turns_the_compact_stream_off(monkeypatch):
+    """A dropped layer could be a run's last: under layerdrop the sparse layers move rows themselves."""
+    import lemo.apply
+
+    calls = []
+    real = lemo.apply.compact_layer
+    monkeypatch.setattr(lemo.apply, "compact_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_lora_model("opt-tiny")
+    apply_lemo(model, LeMoConfig(**CONFIG))
+    batch = layout_batch("simple")
+    model(**batch)
+    assert calls  # the run is compact without layerdrop
+    calls.clear()
+    unwrap(model).model.decoder.layerdrop = 0.5
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = model(**batch)
+        assert out.loss.isfinite() and lemo_state(model).stream is None
+    assert not calls
+
+
+def test_fidelity_attention_masses_see_the_full_stream_inside_a_run():
+    from lemo.accuracy.fidelity import run_fidelity
+
+    model = tiny_lora_model("llama3-tiny")
+    ids = torch.randint(0, 512, (1, 256))
+    masses = []
+    for compact in (True, False):
+        variant = {"v": dict(CONFIG, keep_ratio=0.25, segment_loss_tokens=0, compact_stream=compact)}
+        rows = run_fidelity(model, ids, variant, attention_mass=True)
+        masses.append({(r["metric"], r["layer"]): r["value"] for r in rows if r["metric"].startswith("mass_")})
+    assert len(masses[0]) == 6 and masses[0] == pytest.approx(masses[1])

@@ -14,6 +14,7 @@ It is the cheap screen for every idea before a fine-tuning run confirms it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -118,15 +119,19 @@ def _attention_masses(model, ids: torch.Tensor, autocast: bool) -> dict[int, tup
     lm = unwrap(model)
     layers = get_adapter(lm.config.model_type).decoder(lm).layers
     inputs, handles = {}, []
+
+    def record(layer, args, kwargs, i):
+        hidden = args[0].detach()
+        stream = layer.state.stream
+        if layer.compact is not None and not layer.compact[0] and stream is not None:
+            # inside a compact run the layer gets the kept rows only; the others are the run's input rows
+            full = stream.full.detach()
+            d = full.shape[-1]
+            hidden = full.reshape(-1, d).index_copy(0, layer.state.shared.index, hidden.reshape(-1, d)).view(full.shape)
+        inputs[i] = (hidden, kwargs.get("position_embeddings"))
+
     for i in lm._lemo.originals:
-        handles.append(
-            layers[i].register_forward_pre_hook(
-                lambda m, args, kwargs, i=i: inputs.__setitem__(
-                    i, (args[0].detach(), kwargs.get("position_embeddings"))
-                ),
-                with_kwargs=True,
-            )
-        )
+        handles.append(layers[i].register_forward_pre_hook(functools.partial(record, i=i), with_kwargs=True))
     try:
         with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             model(input_ids=ids, labels=ids)
