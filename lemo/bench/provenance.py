@@ -10,6 +10,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,21 +23,40 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _git(root: Path, *args, env=None) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60, env=env)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def source_tree(root: Path) -> str:
+    """The git tree id of the checkout's files as they are now (tracked or not, ignored ones and the
+    measurements under results/ and figures/ left out), through a scratch index: equal to a commit's tree
+    (`git rev-parse COMMIT^{tree}`) exactly when the code is that commit's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        _git(root, "add", "-A", "--", ".", ":!results", ":!figures", env=env)
+        return _git(root, "write-tree", env=env)
+
+
 def git_state(root: Path | None = None) -> dict:
-    """Commit of the checkout; LEMO_GIT_COMMIT overrides it where the tree was copied without .git."""
+    """Commit of the checkout. A copy whose .git lags behind its files (a GPU machine given the working tree
+    and an older .git) names its commit in LEMO_SOURCE_COMMIT="COMMIT:TREE" (`git rev-parse HEAD
+    HEAD^{tree}` where the commit was made): recorded only when the files' tree equals TREE, else the
+    copy's own HEAD, dirty. LEMO_GIT_COMMIT overrides both where there is no .git at all."""
     if os.environ.get("LEMO_GIT_COMMIT"):
         return {"git_commit": os.environ["LEMO_GIT_COMMIT"], "git_dirty": os.environ.get("LEMO_GIT_DIRTY") == "1"}
     root = root or Path(__file__).resolve().parent.parent.parent
-
-    def run(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
+    claimed = os.environ.get("LEMO_SOURCE_COMMIT", "")
+    if claimed:
+        commit, _, tree = claimed.partition(":")
+        if tree and source_tree(root) == tree:
+            return {"git_commit": commit, "git_dirty": False}
     return {
-        "git_commit": run("rev-parse", "HEAD") or None,
-        "git_dirty": bool(run("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": _git(root, "rev-parse", "HEAD") or None,
+        "git_dirty": bool(_git(root, "status", "--porcelain", "--untracked-files=no")) or bool(claimed),
     }
 
 
