@@ -2,7 +2,9 @@
 
 import subprocess
 
-from lemo.bench.provenance import git_state, source_tree
+import pytest
+
+from lemo.bench.provenance import git_state, source_commit, source_tree
 
 
 def _git(root, *args):
@@ -20,6 +22,8 @@ def test_claimed_commit_is_recorded_only_when_the_files_match(tmp_path, monkeypa
     (tmp_path / "code.py").write_text("x = 2\n")  # the newer commit's code, made elsewhere
     (tmp_path / "new.py").write_text("y = 1\n")  # a file the old .git does not track
     tree = source_tree(tmp_path)
+    with pytest.raises(ValueError, match="uncommitted changes"):  # a claim for code that is not the commit's
+        source_commit(tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "r.json").write_text("{}")  # measurements written during the run do not count
     monkeypatch.setenv("LEMO_SOURCE_COMMIT", f"abc123:{tree}")
@@ -30,4 +34,5 @@ def test_claimed_commit_is_recorded_only_when_the_files_match(tmp_path, monkeypa
     _git(tmp_path, "checkout", "-q", "--", "code.py")
     (tmp_path / "new.py").unlink()
     assert git_state(tmp_path) == {"git_commit": old, "git_dirty": False}
-    assert source_tree(tmp_path) == _git(tmp_path, "rev-parse", "HEAD^{tree}")  # a clean checkout: its commit's tree
+    assert source_tree(tmp_path) == _git(tmp_path, "rev-parse", "HEAD^{tree}")  # clean: the commit's own tree
+    assert source_commit(tmp_path) == f"{old}:{source_tree(tmp_path)}"  # results/ aside, it is clean

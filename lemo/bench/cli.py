@@ -162,8 +162,11 @@ def _info(args) -> int:
 
     from lemo_baselines.attention import BACKENDS, unavailable_reason
 
-    from .provenance import provenance
+    from .provenance import provenance, source_commit
 
+    if args.source_commit:
+        print(source_commit())
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(json.dumps(provenance(device), indent=1))
@@ -315,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_distributed(sub)
     p = sub.add_parser("info", help="machine, versions and attention backends available here")
+    p.add_argument(
+        "--source-commit",
+        action="store_true",
+        help="print only COMMIT:TREE of this clean checkout, the value of LEMO_SOURCE_COMMIT for a copy of it",
+    )
     p.set_defaults(func=_info)
     p = sub.add_parser("train-predictors", help="train per-layer block predictors against the oracle (lemo.predictors)")
     _model_window_args(p, "training")

@@ -41,6 +41,15 @@ def source_tree(root: Path) -> str:
         return _git(root, "write-tree", env=env)
 
 
+def source_commit(root: Path | None = None) -> str:
+    """LEMO_SOURCE_COMMIT's value for this checkout ("COMMIT:TREE"); it must be clean (results/ and
+    figures/ aside), or the claim would name a commit for code that is not its own."""
+    root = root or Path(__file__).resolve().parent.parent.parent
+    if _git(root, "status", "--porcelain", "--", ".", ":!results", ":!figures"):
+        raise ValueError(f"{root} has uncommitted changes outside results/ and figures/: commit them first")
+    return f"{_git(root, 'rev-parse', 'HEAD')}:{source_tree(root)}"
+
+
 def git_state(root: Path | None = None) -> dict:
     """Commit of the checkout. A copy whose .git lags behind its files (a GPU machine given the working tree
     and an older .git) names its commit in LEMO_SOURCE_COMMIT="COMMIT:TREE" (`git rev-parse HEAD
