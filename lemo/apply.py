@@ -131,12 +131,9 @@ class LeMoLayer(nn.Module):
         stream = self.state.stream
         self.state.selections[self.layer_index] = sel
         scatter_into = None
-        if self.compact[1]:  # the run's last layer: the run's input goes into this layer's closure only
+        if self.compact[1]:  # the run's last layer takes the run's input (and the state lets go of it)
             scatter_into, self.state.stream = stream.full, None
         parts = self.adapter.parts(self)
-        if scatter_into is None:
-            run = functools.partial(compact_layer, parts, sel=sel, positions=stream.positions, gather=gather)
-            return self._checkpointed(run, hidden_states)
 
         # The run's input is a checkpoint input, not a closure: reentrant checkpointing gives gradients to
         # inputs only (a closure tensor would be backpropagated through twice).

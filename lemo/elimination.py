@@ -256,4 +256,11 @@ def compact_layer(
     flat = flat + _dropout(parts, parts.mlp(parts.mlp_norm(flat)))
     if scatter_into is None:
         return flat.view(1, sel.total, d)
-    return scatter_into.reshape(-1, d).index_copy(0, sel.index, flat).view(scatter_into.shape)
+    return with_kept_rows(scatter_into, sel, flat)
+
+
+def with_kept_rows(full: torch.Tensor, sel: Selection, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of the full stream `full` (B, L, D) with its kept rows replaced by `rows` (T, D) or (1, T, D);
+    backward keeps the index only."""
+    d = full.shape[-1]
+    return full.reshape(-1, d).index_copy(0, sel.index, rows.reshape(-1, d)).view(full.shape)

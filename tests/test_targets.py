@@ -217,6 +217,20 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
     assert row.measured.startswith("1.61x: lemo-x 296K (time, 74 s/step) vs lora-liger-offload 184K")
     assert row.met == ("yes" if 296 / 184 >= goals().max_context.ratio else "no")
     assert max_context_target(tmp_path / "nothing").met == "not measured"
+    # a LeMo search that errored is no measurement, and its best row is then the next one
+    failed = pd.DataFrame(
+        rows + [("lemo-y", 80.0, 1024 * 1024, "error", 1.0)],
+        columns=["method", "cap_gib", "max_context", "bound", "step_s"],
+    )
+    failed.to_csv(d / "max_context.csv", index=False)
+    assert max_context_target(tmp_path).measured.startswith("1.61x: lemo-x")
+    only_errors = failed[failed.method.str.startswith("lora")].assign(bound="error")
+    pd.concat([only_errors, failed[failed.method == "lemo-x"]]).to_csv(d / "max_context.csv", index=False)
+    assert max_context_target(tmp_path).met == "not measured"  # no LoRA-family search measured anything
+    nothing_fits = failed[failed.method.isin(["lora", "lemo-x"])].assign(max_context=[0, 296 * 1024, 900 * 1024])
+    nothing_fits.assign(bound="memory").to_csv(d / "max_context.csv", index=False)
+    row = max_context_target(tmp_path)  # LoRA out of memory at the first probe: LeMo's context is the win
+    assert row.met == "yes" and "lora 0K (memory, fits no probe)" in row.measured
 
 
 def test_block_score_roofline_intensity_and_default_rows(tmp_path):

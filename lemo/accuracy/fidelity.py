@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..apply import apply_lemo, lemo_state, remove_lemo
 from ..bench.progress import progress
 from ..config import LeMoConfig
+from ..elimination import with_kept_rows
 from ..models.adapters import get_adapter, unwrap
 from ..scoring import project_qk
 
@@ -125,9 +126,7 @@ def _attention_masses(model, ids: torch.Tensor, autocast: bool) -> dict[int, tup
         stream = layer.state.stream
         if layer.compact is not None and not layer.compact[0] and stream is not None:
             # inside a compact run the layer gets the kept rows only; the others are the run's input rows
-            full = stream.full.detach()
-            d = full.shape[-1]
-            hidden = full.reshape(-1, d).index_copy(0, layer.state.shared.index, hidden.reshape(-1, d)).view(full.shape)
+            hidden = with_kept_rows(stream.full.detach(), layer.state.shared, hidden)
         inputs[i] = (hidden, kwargs.get("position_embeddings"))
 
     for i in lm._lemo.originals:

@@ -315,15 +315,17 @@ def max_context_target(results: Path) -> Row:
     if not csv.exists():
         return Row(label, goal, "", _mark(None), "")
     m = pd.read_csv(csv)
-    m = m[m.cap_gib == g.cap_gib]
+    # a search ended by an error or a dead process measured nothing about its method's limit
+    m = m[(m.cap_gib == g.cap_gib) & ~m.bound.isin(["error", "killed"])]
     lora, lemo = m[m.method.map(is_lora_family)], m[m.method.str.startswith("lemo")]
     if not len(lora) or not len(lemo):
         return Row(label, goal, "", _mark(None), str(csv))
     best, ours = lora.loc[lora.max_context.idxmax()], lemo.loc[lemo.max_context.idxmax()]
-    ratio = ours.max_context / best.max_context
+    ratio = ours.max_context / best.max_context if best.max_context else float("inf")
 
     def text(r):
-        return f"{r.method} {int(r.max_context) // 1024}K ({r.bound}, {r.step_s:.0f} s/step)"
+        step = "fits no probe" if not r.max_context else f"{r.step_s:.0f} s/step"
+        return f"{r.method} {int(r.max_context) // 1024}K ({r.bound}, {step})"
 
     return Row(label, goal, f"{ratio:.2f}x: {text(ours)} vs {text(best)}", _mark(ratio >= g.ratio), str(csv))
 
