@@ -5,7 +5,10 @@ Each sparse decoder layer is replaced by a `LeMoLayer` that adopts the original 
 LeMo is inactive (evaluation). Selection is computed before gradient checkpointing wraps the sparse
 computation, so recomputation never re-scores. A forward pre-hook on the decoder captures the padding
 mask and position ids; the causal LM's forward is wrapped for the segmented loss. PEFT LoRA may be
-applied before or after; `remove_lemo` restores every layer, MLP and forward it touched.
+applied before or after; `remove_lemo` restores every layer, MLP and forward it touched. A training
+forward shorter than LeMoConfig.min_sparse_tokens runs as without LeMo: the LeMo layers run their
+original layer, every forward LeMo patched the one it replaced (DenseFallback), the loss wrapper the
+forward it wrapped.
 
 With Liger-Kernel (lemo_baselines.liger) the order is LoRA -> Liger -> LeMo: Liger binds its RMSNorm,
 SwiGLU and FLCE forwards on the instances (and its RoPE in the Llama module, used by the dense layers'
@@ -24,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LeMoConfig
-from .elimination import Frozen, compact_layer, gather_positions, sparse_layer
+from .elimination import Frozen, compact_layer, kept_rope, sparse_layer
 from .layout import TokenLayout, make_layout
 from .lora_norm import patch_lora_a
 from .mlp import channel_pruned_forward
@@ -46,14 +49,18 @@ class _ForwardState:
     shared: Selection | None = None  # the one selection of all sparse layers (shared_selection)
     stream: _Stream | None = None  # the compact run in progress (LeMoConfig.compact_stream)
     layerdrop: bool = False  # the decoder may skip layers (OPT's layerdrop): a skipped one could end no run
+    # This forward runs as without LeMo (LeMoConfig.min_sparse_tokens): decided once per forward (_dense_forward)
+    # and read by every patched forward (DenseFallback) and LeMo layer.
+    dense: bool = False
+    always_sparse: bool = False  # never dense (lemo.distributed.sequence: every layer runs sparse)
 
 
 @dataclass
 class _Stream:
-    """A compact run of sparse layers in progress: its first layer's input, and the kept rows' cos/sin."""
+    """A compact run of sparse layers in progress: its first layer's input, and the kept rows' RoPE."""
 
     full: torch.Tensor | None  # taken (and dropped here) by the run's last layer
-    positions: tuple | None
+    rope: object  # rotates kept rows at their positions (lemo.elimination.kept_rope); None without RoPE
 
 
 class LeMoLayer(nn.Module):
@@ -88,10 +95,10 @@ class LeMoLayer(nn.Module):
         if not self._active():
             self.original.train(self.training)
             return self.original(hidden_states, *args, **kwargs)
+        if self.state.dense:
+            return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
         if self.compact is not None and not self.compact[0] and self.state.stream is not None:
             return self._compact_step(hidden_states, self.state.shared, gather=False)  # inside a compact run
-        if hidden_states.shape[1] < self.config.min_sparse_tokens:
-            return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
         if _cache_in_use(kwargs):
             raise ValueError(
                 "LeMo layers are for training and do not fill a KV cache; pass use_cache=False "
@@ -100,9 +107,11 @@ class LeMoLayer(nn.Module):
         parts = self.adapter.parts(self)
         sel = self.select(parts, hidden_states, kwargs.get("position_embeddings"))
         if self.compact is not None and self.compact[0] and sel.total and not self.state.layerdrop:  # a run starts
-            positions = kwargs.get("position_embeddings")
-            positions = gather_positions(positions, sel, hidden_states.shape[1]) if parts.rope else None
-            self.state.stream = _Stream(hidden_states, positions)
+            rope = None
+            if parts.rope:
+                positions, length = kwargs.get("position_embeddings"), hidden_states.shape[1]
+                rope = kept_rope(positions, sel, length, self.config.movement_kernel)
+            self.state.stream = _Stream(hidden_states, rope)
             return self._compact_step(hidden_states, sel, gather=True)
         frozen = None
         if self.config.eliminated == "frozen":
@@ -120,11 +129,12 @@ class LeMoLayer(nn.Module):
 
     def _checkpointed(self, run, *inputs: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                checkpoint, use_reentrant=False
-            )
-            return ckpt(run, *inputs)
+            return self._checkpoint_func()(run, *inputs)
         return run(*inputs)
+
+    def _checkpoint_func(self) -> PinnedCheckpoint:
+        func = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(checkpoint, use_reentrant=False)
+        return func if isinstance(func, PinnedCheckpoint) else PinnedCheckpoint(self.state, func)
 
     def _compact_step(self, hidden_states: torch.Tensor, sel: Selection, gather: bool) -> torch.Tensor:
         """This layer of the compact run in progress (lemo.elimination.compact_layer)."""
@@ -138,7 +148,9 @@ class LeMoLayer(nn.Module):
         # The run's input is a checkpoint input, not a closure: reentrant checkpointing gives gradients to
         # inputs only (a closure tensor would be backpropagated through twice).
         def run(hidden, full):
-            return compact_layer(parts, hidden, sel, stream.positions, gather, scatter_into=full)
+            return compact_layer(
+                parts, hidden, sel, stream.rope, gather, scatter_into=full, movement=self.config.movement_kernel
+            )
 
         return self._checkpointed(run, hidden_states, scatter_into)
 
@@ -146,10 +158,7 @@ class LeMoLayer(nn.Module):
         """The original layer (as in eval mode), checkpointed like the sparse path when that is on."""
         self.original.train(self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                checkpoint, use_reentrant=False
-            )
-            return ckpt(functools.partial(self.original, **kwargs), hidden_states, *args)
+            return self._checkpoint_func()(functools.partial(self.original, **kwargs), hidden_states, *args)
         return self.original(hidden_states, *args, **kwargs)
 
     @torch.no_grad()
@@ -188,6 +197,62 @@ def _cache_in_use(kwargs) -> bool:
     return bool(kwargs.get("use_cache")) or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
 
 
+def _dense_forward(config: LeMoConfig, state: _ForwardState, training: bool, length: int | None) -> bool:
+    """Whether a forward of `length` tokens runs as without LeMo (LeMoConfig.min_sparse_tokens)."""
+    return (
+        length is not None
+        and length < config.min_sparse_tokens
+        and (training or config.active_in_eval)
+        and not state.always_sparse
+    )
+
+
+def _input_length(input_ids, inputs_embeds) -> int | None:
+    """Tokens per sequence of a decoder / causal LM input (None when neither is given)."""
+    if input_ids is not None:
+        return input_ids.shape[-1]
+    return None if inputs_embeds is None else inputs_embeds.shape[-2]
+
+
+class DenseFallback:
+    """A LeMo forward set on a module instance (norm, MLP, LoRA A). In a dense forward (_ForwardState.dense)
+    the forward it replaced runs instead: `prior`, an instance forward set before LeMo's (e.g. Liger's), or
+    else the module's class forward."""
+
+    __slots__ = ("lemo", "module", "prior", "state")
+
+    def __init__(self, state: _ForwardState, module: nn.Module, lemo, prior=None):
+        self.state, self.module, self.lemo, self.prior = state, module, lemo, prior
+
+    def __call__(self, *args, **kwargs):
+        if self.state.dense:
+            if self.prior is None:
+                return type(self.module).forward(self.module, *args, **kwargs)
+            return self.prior(*args, **kwargs)
+        return self.lemo(*args, **kwargs)
+
+
+class PinnedCheckpoint:
+    """A decoder layer's checkpoint function whose recomputation (in backward, perhaps after another forward
+    of the other kind) runs with the dense decision of the forward that checkpointed it."""
+
+    __slots__ = ("func", "state")
+
+    def __init__(self, state: _ForwardState, func):
+        self.state, self.func = state, func
+
+    def __call__(self, run, *args, **kwargs):
+        return self.func(functools.partial(_with_dense, self.state, self.state.dense, run), *args, **kwargs)
+
+
+def _with_dense(state: _ForwardState, dense: bool, run, *args, **kwargs):
+    before, state.dense = state.dense, dense
+    try:
+        return run(*args, **kwargs)
+    finally:
+        state.dense = before
+
+
 @dataclass
 class LeMoHandle:
     """Everything apply_lemo changed, so remove_lemo can undo it."""
@@ -200,6 +265,7 @@ class LeMoHandle:
     forward_patched: bool
     lora_a: set  # lora_A Linears whose forward was replaced (filled during forwards)
     prior_forward: object = None  # the causal LM's instance forward before ours (e.g. Liger's FLCE forward)
+    pinned: list = field(default_factory=list)  # other decoder layers whose checkpoint function we wrapped
 
 
 def _check_supported(cfg, config: LeMoConfig) -> None:
@@ -245,15 +311,31 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         channel_layers = range(len(layers)) if config.mlp_channel_all_layers else sparse
         for i in channel_layers:
             mlp = layers[i].mlp
-            patched.append((mlp, _instance_forward(mlp)))
-            mlp.forward = functools.partial(
+            prior = _instance_forward(mlp)
+            patched.append((mlp, prior))
+            lemo_forward = functools.partial(
                 channel_pruned_forward, mlp, config.mlp_keep_channels, active_in_eval=config.active_in_eval
             )
+            mlp.forward = DenseFallback(state, mlp, lemo_forward, prior)
 
     recompute = config.efficient_norm and config.lora_norm_recompute
     lora_a = set()  # PEFT lora_A Linears routed through lemo.lora_norm (PEFT may come after apply_lemo)
+    pinned = []
+
+    def dense_fallback(linear, forward):  # lora_A: its class forward (nn.Linear's) when dense
+        return DenseFallback(state, linear, forward)
 
     def capture(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state.dense = _dense_forward(
+            config, state, module.training, _input_length(input_ids, kwargs.get("inputs_embeds"))
+        )
+        for layer in layers:  # the other layers' norms and MLPs read state.dense when recomputed in backward
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if func is not None and not isinstance(layer, LeMoLayer) and not isinstance(func, PinnedCheckpoint):
+                layer._gradient_checkpointing_func = PinnedCheckpoint(state, func)
+                if layer not in pinned:
+                    pinned.append(layer)
         state.attention_mask = kwargs.get("attention_mask")
         state.position_ids = kwargs.get("position_ids")
         state.layout = None
@@ -262,7 +344,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.stream = None
         state.layerdrop = bool(module.training and getattr(module, "layerdrop", 0.0))
         if recompute:
-            patch_lora_a(decoder, lora_a)
+            patch_lora_a(decoder, lora_a, wrap=dense_fallback)
         if (module.training or config.active_in_eval) and kwargs.get("use_cache") is not False:
             # LeMo layers fill no KV cache; a config default of use_cache=True must not make the decoder build one.
             return args, {**kwargs, "use_cache": False}
@@ -272,10 +354,12 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         in_layers = {id(m) for layer in layers for m in layer.modules()}  # the final norm feeds no adapter
         for module in decoder.modules():
             if is_rms_norm(module):
-                patched.append((module, _instance_forward(module)))
-                module.forward = functools.partial(
+                prior = _instance_forward(module)
+                patched.append((module, prior))
+                lemo_forward = functools.partial(
                     rms_norm_forward, module, tag_output=recompute and id(module) in in_layers
                 )
+                module.forward = DenseFallback(state, module, lemo_forward, prior)
 
     hook = decoder.register_forward_pre_hook(capture, with_kwargs=True)
     forward_patched = config.segment_loss_tokens > 0 or config.loss_tokens == "kept"
@@ -289,7 +373,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
             config.loss_kernel,
             config.loss_tokens == "kept",
         )
-    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a, prior_forward)
+    lm._lemo = LeMoHandle(config, originals, patched, hook, state, forward_patched, lora_a, prior_forward, pinned)
     return model
 
 
@@ -324,12 +408,19 @@ def remove_lemo(model):
         for name, child in wrapper.named_children():  # PEFT may have swapped children since apply
             setattr(original, name, child)
         original.gradient_checkpointing = wrapper.gradient_checkpointing
+        func = wrapper.__dict__.get("_gradient_checkpointing_func")  # set on the wrapper if enabled after apply
+        if func is not None:
+            original._gradient_checkpointing_func = func.func if isinstance(func, PinnedCheckpoint) else func
         original.train(wrapper.training)
         layers[i] = original
     for module, prior in handle.patched:
         _restore_forward(module, prior)
     for module in handle.lora_a:
         del module.forward
+    for layer in handle.pinned:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if isinstance(func, PinnedCheckpoint):
+            layer._gradient_checkpointing_func = func.func
     handle.hook.remove()
     if handle.forward_patched:
         _restore_forward(lm, handle.prior_forward)
@@ -372,8 +463,16 @@ def _segmented_forward(
     **kwargs,
 ):
     """The causal LM's forward, with the loss computed segment by segment when training with labels (segment
-    0: the plain loss) and, with kept_loss, only over the positions kept in every sparse layer."""
-    if labels is None or not torch.is_grad_enabled() or not lm.training:
+    0: the plain loss) and, with kept_loss, only over the positions kept in every sparse layer. A dense forward
+    (LeMoConfig.min_sparse_tokens; decided here from the input, as the decoder's pre-hook decides it again)
+    is the wrapped forward's."""
+    handle = lm._lemo
+    if (
+        labels is None
+        or not torch.is_grad_enabled()
+        or not lm.training
+        or _dense_forward(handle.config, handle.state, True, _input_length(input_ids, inputs_embeds))
+    ):
         return original_forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -396,7 +495,7 @@ def _segmented_forward(
         **kwargs,
     )
     if kept_loss:  # the prediction at position t (label t + 1) counts only when t was kept everywhere
-        kept = kept_everywhere(lm._lemo.state)
+        kept = kept_everywhere(handle.state)
         if kept is not None:
             labels = labels.clone()
             labels[:, 1:].masked_fill_(~kept[:, :-1], -100)

@@ -144,8 +144,8 @@ class LeMoConfig:
     # With shared_selection, token MLP mode and eliminated="skip": consecutive sparse layers run on the kept
     # rows alone, gathered once by the first and scattered back once by the last (lemo.elimination.
     # compact_layer). Same function; the inputs gradient checkpointing keeps hold kept rows only; the
-    # layers of a run move no rows, so movement_kernel applies outside runs only. Ignored where it does not
-    # apply (and under OPT's layerdrop).
+    # layers of a run move no rows (movement_kernel="triton" gives them fused norms and RoPE). Ignored where
+    # it does not apply (and under OPT's layerdrop).
     compact_stream: bool = True
     mlp_keep_channels: float = 0.2
     # Channel mode in every layer (the artifact does this) or in sparse layers only.
@@ -163,7 +163,7 @@ class LeMoConfig:
     # Block-score implementation: "auto" = Triton on CUDA, segmented torch elsewhere.
     kernels: str = "auto"
     # Row movement in sparse layers: "torch" = index_select + scatter_add_rows; "triton" = fused
-    # selective load (+ RMSNorm) and in-place residual add (lemo.kernels.movement).
+    # selective load (+ RMSNorm), RoPE at original positions and in-place residual add (lemo.kernels.movement).
     movement_kernel: str = "torch"
     # Per-segment cross-entropy: "torch", "triton" (lemo.kernels.cross_entropy) or "liger" (liger-kernel).
     loss_kernel: str = "torch"
@@ -171,8 +171,9 @@ class LeMoConfig:
     segment_loss_tokens: int = 4096
     # Eliminate in eval mode too (normally evaluation runs the dense model).
     active_in_eval: bool = False
-    # Sequences shorter than this run every sparse layer as the original dense layer (no scoring): below
-    # some length scoring and movement cost more than they save ("never slower than LoRA"). 0 = always sparse.
+    # Training forwards shorter than this run the whole model as without LeMo (original layers, norms, MLPs,
+    # LoRA and loss; Liger's kernels where applied; no scoring): below the crossover a step costs what LoRA's
+    # does. 0 = always sparse. Not under sequence parallelism, nor for channel MLPs ranked over DP ranks.
     min_sparse_tokens: int = 0
 
     def __post_init__(self):

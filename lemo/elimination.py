@@ -17,7 +17,10 @@ With one selection shared by a run of consecutive sparse layers, `compact_layer`
 the kept rows alone (LeMoConfig.compact_stream): the first gathers them from the residual stream, the
 last scatters them back into the first one's input, whose eliminated rows they passed through
 unchanged. The same function as per-layer gathering and scattering, but the tensors between the layers
-(the inputs that gradient checkpointing keeps) hold kept rows only, and no layer moves rows.
+(the inputs that gradient checkpointing keeps) hold kept rows only, and no layer moves rows. With
+movement="triton" the run's norms are the fused Triton RMSNorm (the first layer's also gathers) and its
+RoPE reads the full cos/sin tables at the kept positions: a few kernels a layer instead of the dozens
+that torch's norm and RoPE launch on every layer.
 
 With a `Frozen` spec (LeMoConfig.eliminated="frozen") the eliminated tokens also receive the layer's
 update, computed without gradient (lemo.frozen), before the MLP reads the residual stream.
@@ -123,6 +126,18 @@ def gather_positions(position_embeddings, sel: Selection, length: int):
     cos = cos.expand(sel.rows, length, hd).reshape(-1, hd).index_select(0, sel.index)
     sin = sin.expand(sel.rows, length, hd).reshape(-1, hd).index_select(0, sel.index)
     return cos, sin
+
+
+def kept_rope(position_embeddings, sel: Selection, length: int, movement: str):
+    """A function rotating kept rows (T, H, hd) at their original positions: Triton reads the full cos/sin
+    tables at sel.index (rows of a (B, length) batch); torch gathers the tables once."""
+    if movement == "triton":
+        from .kernels import movement as mv
+
+        cos, sin = position_embeddings
+        return lambda x: mv.rope_rows(x, cos, sin, sel.index, length)
+    cos, sin = gather_positions(position_embeddings, sel, length)
+    return lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :])
 
 
 def _project_attend(parts: LayerParts, h: torch.Tensor, sel: Selection, rope) -> torch.Tensor:
@@ -238,22 +253,31 @@ def compact_layer(
     parts: LayerParts,
     hidden: torch.Tensor,
     sel: Selection,
-    positions,
+    rope,
     gather: bool,
     scatter_into: torch.Tensor | None = None,
+    movement: str = "torch",
 ) -> torch.Tensor:
     """One layer of a compact residual stream (module docstring). `hidden` is the full (B, L, D) stream
-    when `gather` (the run's first layer), else the kept rows (1, T, D); `positions` are cos/sin at the
-    kept tokens' positions (gather_positions). With `scatter_into` (the run's first input, (B, L, D)) the
-    kept rows are written back into a copy of it and the full stream returned; else (1, T, D)."""
+    when `gather` (the run's first layer), else the kept rows (1, T, D); `rope` rotates kept rows at their
+    positions (kept_rope). With `scatter_into` (the run's first input, (B, L, D)) the kept rows are written
+    back into a copy of it and the full stream returned; else (1, T, D)."""
     d = hidden.shape[-1]
     flat = hidden.reshape(-1, d)
-    if gather:
-        flat = flat.index_select(0, sel.index)
-    cos, sin = positions if parts.rope else (None, None)
-    h = parts.attn_norm(flat)
-    flat = flat + _project_attend(parts, h, sel, lambda x: apply_rope(x, cos[:, None, :], sin[:, None, :]))
-    flat = flat + _dropout(parts, parts.mlp(parts.mlp_norm(flat)))
+    if movement == "triton":
+        from .kernels import movement as mv
+
+        rows = torch.arange(sel.total, device=flat.device)
+        h = mv.load_norm(parts.attn_norm, flat, sel.index if gather else rows)  # gathers in the first layer
+        if gather:
+            flat = flat.index_select(0, sel.index)
+        flat = flat + _project_attend(parts, h, sel, rope)
+        flat = flat + _dropout(parts, parts.mlp(mv.load_norm(parts.mlp_norm, flat, rows)))
+    else:
+        if gather:
+            flat = flat.index_select(0, sel.index)
+        flat = flat + _project_attend(parts, parts.attn_norm(flat), sel, rope)
+        flat = flat + _dropout(parts, parts.mlp(parts.mlp_norm(flat)))
     if scatter_into is None:
         return flat.view(1, sel.total, d)
     return with_kept_rows(scatter_into, sel, flat)

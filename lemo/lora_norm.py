@@ -63,13 +63,15 @@ def lora_a_forward(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return LinearOfNorm.apply(h, x, norm_weight, eps, linear.weight, linear.bias)
 
 
-def patch_lora_a(root: nn.Module, patched: set) -> None:
-    """Route every PEFT lora_A Linear under `root` through `lora_a_forward` (once each; `patched` records them)."""
+def patch_lora_a(root: nn.Module, patched: set, wrap=None) -> None:
+    """Route every PEFT lora_A Linear under `root` through `lora_a_forward` (once each; `patched` records them).
+    `wrap(linear, forward)`, if given, returns what is set instead (LeMo's dense fallback)."""
     for module in root.modules():
         lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, nn.ModuleDict):
             continue
         for linear in lora_a.values():
             if type(linear) is nn.Linear and linear not in patched:
-                linear.forward = functools.partial(lora_a_forward, linear)
+                forward = functools.partial(lora_a_forward, linear)
+                linear.forward = forward if wrap is None else wrap(linear, forward)
                 patched.add(linear)

@@ -117,16 +117,18 @@ def test_triton_leftpad_noncontiguous_negative_scale():
 R_CASES = [(2, 4, 2, 200, 16, 16), (1, 2, 1, 150, 16, 32)]
 
 
-@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("R,flat", [(1, 0), (2, 0), (4, 0), (1, 1), (2, 1)])
 @pytest.mark.parametrize("docs", [None, "rightpad", "packed"])
 @pytest.mark.parametrize("case", R_CASES, ids=lambda c: "B{}_Hq{}_Hkv{}_L{}_D{}_bs{}".format(*c))
-def test_triton_super_tiles_match_reference(case, docs, R):
-    """A program covering R x R blocks gives the same map, at the edges and across documents too."""
+def test_triton_super_tiles_match_reference(case, docs, R, flat):
+    """A program covering R x R blocks gives the same map, at the edges and across documents too; so does
+    the flat (one loop over query heads, GQA included) head loop."""
     B, Hq, Hkv, L, D, bs = case
     q, k = _qk(B, Hq, Hkv, L, D)
     d = _docs(docs, B, L)
     ref = block_scores_reference(q, k, block_size=bs, scale=-0.3, doc_ids=d)
-    bmap, col = block_scores(q, k, block_size=bs, scale=-0.3, doc_ids=d, config={"R": R, "num_warps": 8})
+    config = {"R": R, "num_warps": 8, "flat": flat}
+    bmap, col = block_scores(q, k, block_size=bs, scale=-0.3, doc_ids=d, config=config)
     torch.testing.assert_close(bmap, ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(col, ref.sum(dim=1), rtol=RTOL, atol=ATOL)
 

@@ -51,13 +51,16 @@ def test_compact_stream_matches_masked_dense_reference(name, mode, checkpointing
 
 
 @pytest.mark.parametrize("name", ["llama2-tiny", "opt-tiny"])
-def test_compact_stream_equals_per_layer_movement_with_the_default_config(name):
+@pytest.mark.parametrize("movement", ["torch", "triton"])
+def test_compact_stream_equals_per_layer_movement_with_the_default_config(name, movement):
+    """With movement="triton" a run's norms and RoPE are the Triton kernels (interpreter here, fp32)."""
     torch.manual_seed(3)
     batch = layout_batch("padded")
     results = []
-    for compact in (True, False):
+    for compact, mode in ((True, movement), (False, "torch")):
         model = tiny_lora_model(name)
-        apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact))  # default loss (kept) and segments
+        # default loss (kept) and segments
+        apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact, movement_kernel=mode))
         assert (_layers(model)[1].compact is not None) == compact
         results.append(_loss_and_grads(model, **batch))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)

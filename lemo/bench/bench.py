@@ -23,7 +23,7 @@ from lemo_baselines.attention import attention_context, get_backend, set_model_b
 
 from ..models.registry import build_model, get_spec, rope_scale_factor
 from .measure import saved_activation_bytes, time_steps, train_step
-from .methods import get_method
+from .methods import calibrate, get_method
 from .progress import progress
 from .provenance import provenance
 from .sweep import Job, Point, record_name
@@ -232,6 +232,7 @@ class JobRunner:
             trainable = [t for t in model.parameters() if t.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4)
             with attention_context(p.attention):
+                cal = calibrate(model, p.options, p.gradient_checkpointing) if p.method_name == "lemo" else None
                 stats = time_steps(model, batch, optimizer, p.warmup, p.steps, offload=p.offload_activations)
                 metrics = {
                     "step_s": stats.median_s,
@@ -254,7 +255,11 @@ class JobRunner:
                         metrics.update(kernel_time_breakdown(model, batch, optimizer, p.offload_activations))
                     except Exception as err:  # a breakdown is optional; the step itself was measured
                         metrics["profile_error"] = str(err)[:200]
-            return self.record(p, "ok", metrics=metrics, extra={"rope_factor": factor})
+            extra = {"rope_factor": factor}
+            if cal is not None:  # the min_sparse_tokens this run chose, and the timings it chose it from
+                metrics["min_sparse_tokens"] = cal.min_sparse_tokens
+                extra["calibration_s"] = {str(n): t for n, t in cal.seconds.items()}
+            return self.record(p, "ok", metrics=metrics, extra=extra)
         except Exception as err:
             # error_type tells a device OOM (torch.OutOfMemoryError) from a failed pinned host allocation
             if is_oom(err):

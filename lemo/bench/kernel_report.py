@@ -216,6 +216,11 @@ def kernel_report(paths: list[Path], out: Path, figures: Path) -> list[Path]:
 
             parts.append(tuning_section(p, ceilings))
             continue
+        if p.stem == "block_scores_ncu":
+            from .kernel_roofline import ncu_section
+
+            parts.append(ncu_section(p))
+            continue
         if p.stem not in SPECS:
             continue
         spec = SPECS[p.stem]

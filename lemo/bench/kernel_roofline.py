@@ -11,6 +11,11 @@ cannot be merged into one larger matmul. FLOPs per byte loaded:
 intensity x bandwidth; neighbouring programs share rows in L2, so it can beat that, but the tiles must
 still cross the L2-to-SM path once per program. R is bounded by the fp32 (R BS)^2 accumulator in registers:
 R = 2 is 64 KB; R = 4 (256 KB) is the whole register file of an SM and spills.
+
+The roofline is an upper bound; the Nsight Compute profile (workflows/scripts/bench_block_scores_ncu.py,
+`ncu_section`) shows what binds: the accumulator and the pipelined tiles leave room for one program per SM,
+so latency (waiting at the barriers between a head's loads and its product, then the fp32 relu-accumulate)
+is not hidden, and neither DRAM nor L2 is near its peak.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def default_rows(frame: pd.DataFrame, head_dim: int = 128) -> pd.DataFrame:
 
     cfg = default_config(head_dim)
     same = (frame.R == cfg["R"]) & (frame.num_warps == cfg["num_warps"]) & (frame.num_stages == cfg["num_stages"])
+    if "flat" in frame:  # tuning runs before the flat head loop existed ran the nested one only
+        same &= frame.flat.fillna(0) == cfg["flat"]
     return frame[same]
 
 
@@ -57,6 +64,8 @@ def tuning_section(path: Path, ceilings: dict) -> str:
             "heads (q/kv)": [f"{r.hq}/{r.hkv}" for r in frame.itertuples()],
             "R": frame.R,
             "warps": frame.num_warps,
+            "stages": frame.num_stages,
+            "flat": frame.flat if "flat" in frame else 0,
             "ms": frame.ms.round(3),
             "TFLOP/s": frame.tflops.round(0),
             "% of matmul ceiling": (100 * frame.of_ceiling).round(0),
@@ -73,7 +82,75 @@ def tuning_section(path: Path, ceilings: dict) -> str:
             "intensity is g R 64 / (1 + g) FLOP per byte (g query heads per KV head), below the HBM ridge point "
             "(matmul ceiling / copy bandwidth) at every R that fits the fp32 accumulator in registers (R = 4 "
             "spills). L2 reuse between neighbouring programs lifts it above the HBM roofline, not to the matmul "
-            "ceiling (lemo.bench.kernel_roofline).",
+            "ceiling (lemo.bench.kernel_roofline). flat = 1: one software-pipelined loop over query heads (a GQA "
+            "key tile loaded once per query head) instead of KV heads x group.",
             table.to_markdown(index=False),
         ]
+    )
+
+
+# --------------------------------------------------------------------------- Nsight Compute profile
+NCU_METRICS = {  # details-page metric -> column of the profile table
+    "Duration": "duration (us)",
+    "SM Busy": "SM busy %",
+    "DRAM Throughput": "DRAM % of peak",
+    "L2 Cache Throughput": "L2 % of peak",
+    "L2 Hit Rate": "L2 hit %",
+    "Issue Slots Busy": "issue slots busy %",
+    "Achieved Occupancy": "occupancy %",
+    "Registers Per Thread": "registers/thread",
+    "Dynamic Shared Memory Per Block": "shared KB/block",
+    "Warp Cycles Per Issued Instruction": "cycles/issue",
+}
+
+
+def _number(value) -> float:
+    return float(str(value).replace(",", ""))
+
+
+def ncu_frame(path: Path) -> pd.DataFrame:
+    """One row per profiled (context, hq, hkv): the NCU_METRICS columns, and the warp-stall reasons ranked by
+    their share of a warp's cycles between issues ("top stalls")."""
+    d = pd.read_csv(path)
+    d = d[d.status == "ok"]
+    rows = []
+    for (context, hq, hkv), g in d.groupby(["context", "hq", "hkv"], sort=True):
+        metric = {r.metric: _number(r.value) for r in g[g.section != "Warp stalls"].itertuples()}
+        stalls = {r.metric: _number(r.value) for r in g[g.section == "Warp stalls"].itertuples()}
+        total = sum(stalls.values())
+        top = sorted(stalls.items(), key=lambda kv: -kv[1])[:3]
+        row = {"context": int(context), "heads (q/kv)": f"{hq}/{hkv}"}
+        row.update({col: metric.get(name) for name, col in NCU_METRICS.items()})
+        row["top stalls (share of cycles)"] = ", ".join(f"{k} {v / total:.0%}" for k, v in top) if total else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ncu_section(path: Path) -> str:
+    frame = ncu_frame(path)
+    first = pd.read_csv(path).iloc[0]
+    if first.status != "ok":
+        return f"**Block-score kernel, Nsight Compute** (`{path.name}`): not profiled ({first.reason})."
+    return "\n\n".join(
+        [
+            f"**Block-score kernel, Nsight Compute** (`{path.name}`, {first.gpu}, default launch config R={first.R}, "
+            f"{first.num_warps} warps, {first.num_stages} stages, commit `{str(first.git_commit)[:10]}`; "
+            "workflows/scripts/bench_block_scores_ncu.py): SM busy is the tensor pipe's share of cycles here; "
+            "the stalls are the reasons warps wait between instructions, as shares of all waiting cycles.",
+            frame.to_markdown(index=False),
+        ]
+    )
+
+
+def ncu_summary(path: Path) -> str | None:
+    """What bounds the kernel, in a few words, from the profile's first (shortest-context, MHA) row."""
+    frame = ncu_frame(path) if path.exists() else pd.DataFrame()
+    if not len(frame):
+        return None
+    r = frame.iloc[0]
+    return (
+        f"Nsight Compute at {r.context // 1024}K {r['heads (q/kv)']}: SM busy {r['SM busy %']:.0f}%, DRAM "
+        f"{r['DRAM % of peak']:.0f}% of peak, issue slots {r['issue slots busy %']:.0f}%, occupancy "
+        f"{r['occupancy %']:.1f}% ({r['registers/thread']:.0f} registers/thread), top stalls "
+        f"{r['top stalls (share of cycles)']}"
     )

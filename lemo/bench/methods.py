@@ -8,6 +8,7 @@ loop drives them all, and every teardown leaves the shared model as it found it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,8 @@ from lemo_baselines import liger, longlora, lora
 
 from ..apply import apply_lemo, remove_lemo
 from ..config import LeMoConfig
+from ..crossover import calibrate_min_sparse_tokens, lemo_config
+from ..models.adapters import unwrap
 
 
 def liger_options(options: dict) -> liger.LigerOptions | None:
@@ -42,6 +45,23 @@ def _setup_lora_liger(model, options: dict):
 
 def _teardown_lora_liger(model):
     return liger.remove_liger(model).unload()
+
+
+# (id of the base model, the method's options, checkpointing) -> Calibration: one per model, method and mode
+_CALIBRATED: dict = {}
+
+
+def calibrate(model, options: dict, checkpointing: bool):
+    """For a lemo method with `calibrate` (token counts): min_sparse_tokens chosen by lemo.crossover on this
+    model, as set up for measuring (checkpointing, attention backend), once per base model, options and
+    checkpointing mode, and set on the model; returns the Calibration (None without `calibrate`)."""
+    if not options.get("calibrate"):
+        return None
+    key = (id(unwrap(model)), json.dumps(options, sort_keys=True), checkpointing)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = calibrate_min_sparse_tokens(model, options["calibrate"])
+    lemo_config(model).min_sparse_tokens = _CALIBRATED[key].min_sparse_tokens
+    return _CALIBRATED[key]
 
 
 def _setup_lemo(model, options: dict):
@@ -93,7 +113,12 @@ METHODS: dict[str, Method] = {
     "lemo": Method(
         _setup_lemo,
         _teardown_lemo,
-        lambda o: "LoRA + LeMo " + LeMoConfig.from_dict(o.get("lemo", {})).to_json() + _describe_liger(o),
+        lambda o: (
+            "LoRA + LeMo "
+            + LeMoConfig.from_dict(o.get("lemo", {})).to_json()
+            + _describe_liger(o)
+            + (f" + min_sparse_tokens calibrated at {o['calibrate']} tokens" if o.get("calibrate") else "")
+        ),
     ),
     "longlora": Method(
         longlora.setup,

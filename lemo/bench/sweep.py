@@ -28,10 +28,12 @@ GROUP_OPTIONAL = {"warmup", "steps", "batch_size", "profile", "saved_bytes", "on
 # Keys of a method entry: the method, its options, and `offload_activations` (saved tensors, under
 # checkpointing the layer inputs, kept in host memory during the step; see lemo.bench.measure.offloading).
 # `liger`: Liger-Kernel under lora-liger or lemo (true or a dict of lemo_baselines.liger.LigerOptions).
-METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations"}
+# `calibrate` (lemo): token counts at which lemo.crossover times sparse against dense steps to choose
+# min_sparse_tokens, once per job (the record keeps the choice and the timings).
+METHOD_KEYS = {"method", "lora", "lemo", "longlora", "liger", "offload_activations", "calibrate"}
 OPTION_KEYS = {
     "lora": {"lora"},
-    "lemo": {"lora", "lemo", "liger"},
+    "lemo": {"lora", "lemo", "liger", "calibrate"},
     "longlora": {"lora", "longlora"},
     "lora-liger": {"lora", "liger"},
 }  # per method
@@ -144,6 +146,9 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
     if not isinstance(spec.get("offload_activations", False), bool):
         raise ValueError(f"{where}: offload_activations must be true or false")
     kinds = {"lora": LoraOptions, "lemo": LeMoConfig, "longlora": LongLoraOptions}
+    calibrate = spec.get("calibrate", [])
+    if not isinstance(calibrate, list) or not all(_int(1)[0](n) for n in calibrate):
+        raise ValueError(f"{where}: calibrate must be a list of token counts (integers >= 1), got {calibrate!r}")
     if "liger" in spec:
         from .methods import liger_options
 
@@ -151,7 +156,7 @@ def method_options(spec: dict, where: str, default_lora: dict | None = None) -> 
             liger_options(spec)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from err
-    for key in sorted(allowed - {"liger"}):
+    for key in sorted(allowed - {"liger", "calibrate"}):
         data = spec.get(key, (default_lora or {}) if key == "lora" else {})
         if not isinstance(data, dict):
             raise ValueError(f"{where}: {key} options must be a mapping, got {data!r}")

@@ -332,7 +332,7 @@ def max_context_target(results: Path) -> Row:
 
 def block_score_kernel_target(results: Path) -> Row:
     """The block-score kernel in its default launch config against the bf16 matmul ceiling, every size tuned."""
-    from .kernel_roofline import default_rows, tuning_frame
+    from .kernel_roofline import default_rows, ncu_summary, tuning_frame
 
     goal = goals().kernels.ceiling_fraction
     label = "block-score kernel (default launch config) vs the measured bf16 matmul ceiling"
@@ -346,10 +346,15 @@ def block_score_kernel_target(results: Path) -> Row:
     worst = d.loc[d.of_ceiling.idxmin()]
     text = (
         f"{d.of_ceiling.min():.0%}-{d.of_ceiling.max():.0%} ({d.tflops.min():.0f}-{d.tflops.max():.0f} TFLOP/s) at "
-        f"{d.context.min() // 1024}K-{d.context.max() // 1024}K; bound by tile loads: "
-        f"{worst.flop_per_byte:.0f} FLOP/byte at {worst.hq}/{worst.hkv} heads (kernel summary: roofline)"
+        f"{d.context.min() // 1024}K-{d.context.max() // 1024}K; HBM roofline of its tile loads: "
+        f"{worst.flop_per_byte:.0f} FLOP/byte at {worst.hq}/{worst.hkv} heads (kernel summary)"
     )
-    return Row(label, f">= {goal:.0%}", text, _mark(bool(d.of_ceiling.min() >= goal)), str(path))
+    sources = [str(path)]
+    profiled = ncu_summary(k / "block_scores_ncu.csv")
+    if profiled:
+        text += f"; profile: {profiled}"
+        sources.append(str(k / "block_scores_ncu.csv"))
+    return Row(label, f">= {goal:.0%}", text, _mark(bool(d.of_ceiling.min() >= goal)), ", ".join(sources))
 
 
 def target_rows(results: Path) -> list[Row]:

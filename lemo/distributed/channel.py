@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from ..apply import DenseFallback
 from ..mlp import channel_pruned_forward
 from ..models.adapters import unwrap
 
@@ -32,7 +33,10 @@ def rank_channels_globally(model, group=None) -> int:
     n = 0
     for module, _ in handle.patched:  # (module, the forward it had before LeMo)
         forward = module.__dict__.get("forward")
+        forward = forward.lemo if isinstance(forward, DenseFallback) else forward
         if isinstance(forward, functools.partial) and forward.func is channel_pruned_forward:
+            # Without the dense fallback (LeMoConfig.min_sparse_tokens): the ranking is a collective in every
+            # MLP call, which a rank with a short batch must not skip while another rank runs it.
             module.forward = functools.partial(
                 channel_pruned_forward,
                 module,

@@ -184,6 +184,7 @@ def apply_sequence_parallel(model, group=None):
             layer.dense = True
         layer.__class__ = SequenceParallelLayer  # same children, names and state; only forward/select change
         layer.group = group
+    handle.state.always_sparse = True  # as the layers: no dense fallback below min_sparse_tokens (a slice's length)
     rank_channels_globally(model, group)  # channel-mode MLPs rank over the whole sequence
     return model
 

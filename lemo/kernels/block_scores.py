@@ -199,6 +199,8 @@ if _HAS_TRITON:
         HAS_DOC: tl.constexpr,
         NEG: tl.constexpr,  # scale < 0: relu(scale*x) = |scale| * relu(-x)
         PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
+        FLAT: tl.constexpr,  # one loop over query heads (software-pipelined loads) instead of KV head x group
+        STAGES: tl.constexpr,  # pipeline depth of the flat loop
     ):
         # Grid: (number of lower-triangular super-tiles, B). One program per (SI, SJ <= SI)
         # super-tile of R x R blocks. The head sum must finish before the block max, so
@@ -227,15 +229,26 @@ if _HAS_TRITON:
         k_base = k_ptr + b * skb + cols[:, None] * skl + dd[None, :] * skd  # (R*BS, D)
 
         acc = tl.zeros((R * BS, R * BS), dtype=tl.float32)
-        for kvh in range(n_kv_heads):
-            # GQA: load each key tile once and reuse it for its GROUP query heads
-            kt = tl.trans(tl.load(k_base + kvh * skh, mask=col_in[:, None], other=0.0))
-            for r in range(GROUP):
-                qt = tl.load(q_base + (kvh * GROUP + r) * sqh, mask=row_in[:, None], other=0.0)
-                s = tl.dot(qt, kt, input_precision=PRECISION)  # input dtype, fp32 accumulate
+        if FLAT:
+            # One loop over query heads: the innermost loop, so Triton prefetches the next head's tiles
+            # while this one's product runs; a GQA key tile is loaded once per query head (L2 hits).
+            for h in tl.range(0, n_kv_heads * GROUP, num_stages=STAGES):
+                kt = tl.trans(tl.load(k_base + (h // GROUP) * skh, mask=col_in[:, None], other=0.0))
+                qt = tl.load(q_base + h * sqh, mask=row_in[:, None], other=0.0)
+                s = tl.dot(qt, kt, input_precision=PRECISION)
                 if NEG:
                     s = -s
                 acc += tl.maximum(s, 0.0)
+        else:
+            for kvh in range(n_kv_heads):
+                # GQA: load each key tile once and reuse it for its GROUP query heads
+                kt = tl.trans(tl.load(k_base + kvh * skh, mask=col_in[:, None], other=0.0))
+                for r in range(GROUP):
+                    qt = tl.load(q_base + (kvh * GROUP + r) * sqh, mask=row_in[:, None], other=0.0)
+                    s = tl.dot(qt, kt, input_precision=PRECISION)  # input dtype, fp32 accumulate
+                    if NEG:
+                        s = -s
+                    acc += tl.maximum(s, 0.0)
 
         allowed = (cols[None, :] <= rows[:, None]) & row_in[:, None] & col_in[None, :]
         if HAS_DOC:
@@ -260,9 +273,9 @@ if _HAS_TRITON:
 # block_scores_tuning.csv, workflows/scripts/bench_block_scores_tuning.py). R=4 spills registers. For D > 128,
 # LARGE_D_CONFIG keeps one block per program and 2 stages to stay inside shared memory. (The head loop
 # is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
-DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3}
-LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2}
-CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5)}
+DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3, "flat": 0}
+LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2, "flat": 0}
+CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "flat": (0, 1)}
 
 
 def default_config(D: int) -> dict:
@@ -323,6 +336,8 @@ def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size, config=None):
         HAS_DOC=has_doc,
         NEG=scale < 0,
         PRECISION=precision,
+        FLAT=bool(cfg["flat"]),
+        STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -336,7 +351,8 @@ def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True,
     q (B, Hq, L, D), k (B, Hkv, L, D) in any float dtype (may be non-contiguous);
     D and block_size must be powers of two >= 16. Memory: O(B * nb^2) floats.
     ``config``: launch config, a dict with some of the keys R (a program covers R x R
-    blocks), num_warps and num_stages (see CONFIG_CHOICES); None or missing keys take
+    blocks), num_warps, num_stages and flat (1: one software-pipelined loop over query heads; see
+    CONFIG_CHOICES); None or missing keys take
     ``default_config(D)``. It changes speed, and the result only by rounding.
     Needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); use
     ``block_scores_torch`` elsewhere.

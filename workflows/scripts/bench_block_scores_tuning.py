@@ -23,13 +23,19 @@ from lemo.kernels.block_scores import block_scores, default_config
 
 D, BS = 128, 64
 HEADS = [(32, 32), (32, 8)]
-# num_stages: the head loop is not software-pipelined (2, 3 and 4 give the same PTX); R=4 spills registers
-GRID = [dict(R=r, num_warps=w, num_stages=s) for r, w, s in itertools.product((1, 2), (4, 8), (3,))]
+# The nested head loop is not software-pipelined (num_stages 2, 3 and 4 give the same PTX); the flat one is,
+# so its depth is tuned. R=4 spills registers.
+# 16 warps: four warpgroups share the R=2 accumulator (half the registers a thread), in the hope of more
+# warps to hide latency with (Nsight Compute: one 8-warp program an SM, waiting at barriers).
+GRID = [dict(R=r, num_warps=w, num_stages=3, flat=0) for r, w in itertools.product((1, 2), (4, 8))] + [
+    dict(R=r, num_warps=w, num_stages=s, flat=1) for r, w, s in itertools.product((1, 2), (4, 8), (2, 3))
+]
+GRID += [dict(R=2, num_warps=16, num_stages=s, flat=f) for s, f in ((3, 0), (2, 1), (3, 1))]
 PRUNE = 2.0
 
 
 def _name(cfg):
-    return f"R={cfg['R']} w={cfg['num_warps']} s={cfg['num_stages']}"
+    return f"R={cfg['R']} w={cfg['num_warps']} s={cfg['num_stages']} flat={cfg['flat']}"
 
 
 def _measure(q, k, cfg, ref):
