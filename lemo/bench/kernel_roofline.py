@@ -91,7 +91,7 @@ def tuning_section(path: Path, ceilings: dict) -> str:
 
 # --------------------------------------------------------------------------- Nsight Compute profile
 NCU_METRICS = {  # details-page metric -> column of the profile table
-    "Duration": "duration (us)",
+    "Duration": "duration (ms)",
     "SM Busy": "SM busy %",
     "DRAM Throughput": "DRAM % of peak",
     "L2 Cache Throughput": "L2 % of peak",
@@ -99,13 +99,30 @@ NCU_METRICS = {  # details-page metric -> column of the profile table
     "Issue Slots Busy": "issue slots busy %",
     "Achieved Occupancy": "occupancy %",
     "Registers Per Thread": "registers/thread",
-    "Dynamic Shared Memory Per Block": "shared KB/block",
+    "Dynamic Shared Memory Per Block": "shared KiB/block",
     "Warp Cycles Per Issued Instruction": "cycles/issue",
 }
 
 
 def _number(value) -> float:
-    return float(str(value).replace(",", ""))
+    """A metric value as ncu prints it ("1,005,655"); NaN for the textual ones (e.g. a scheduling policy)."""
+    try:
+        return float(str(value).replace(",", ""))
+    except ValueError:
+        return float("nan")
+
+
+# ncu picks a unit per value: scaled here to the table's (ms, KiB)
+_SCALE = {"ns": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3, "second": 1e3}
+_SCALE |= {"byte/block": 1 / 1024, "Kbyte/block": 1000 / 1024, "Mbyte/block": 1e6 / 1024}
+
+
+def _value(row) -> float:
+    return _number(row.value) * _SCALE.get(str(row.unit), 1.0)
+
+
+def _reason(metric: str) -> str:
+    return metric.removesuffix("_per_issue_active")
 
 
 def ncu_frame(path: Path) -> pd.DataFrame:
@@ -115,10 +132,10 @@ def ncu_frame(path: Path) -> pd.DataFrame:
     d = d[d.status == "ok"]
     rows = []
     for (context, hq, hkv), g in d.groupby(["context", "hq", "hkv"], sort=True):
-        metric = {r.metric: _number(r.value) for r in g[g.section != "Warp stalls"].itertuples()}
-        stalls = {r.metric: _number(r.value) for r in g[g.section == "Warp stalls"].itertuples()}
-        total = sum(stalls.values())
-        top = sorted(stalls.items(), key=lambda kv: -kv[1])[:3]
+        metric = {r.metric: _value(r) for r in g[g.section != "Warp stalls"].itertuples()}
+        stalls = {_reason(r.metric): _number(r.value) for r in g[g.section == "Warp stalls"].itertuples()}
+        total = sum(stalls.values())  # a warp's cycles per issued instruction, the issuing one ("selected") too
+        top = sorted(((k, v) for k, v in stalls.items() if k != "selected"), key=lambda kv: -kv[1])[:3]
         row = {"context": int(context), "heads (q/kv)": f"{hq}/{hkv}"}
         row.update({col: metric.get(name) for name, col in NCU_METRICS.items()})
         row["top stalls (share of cycles)"] = ", ".join(f"{k} {v / total:.0%}" for k, v in top) if total else ""
@@ -136,18 +153,20 @@ def ncu_section(path: Path) -> str:
             f"**Block-score kernel, Nsight Compute** (`{path.name}`, {first.gpu}, default launch config R={first.R}, "
             f"{first.num_warps} warps, {first.num_stages} stages, commit `{str(first.git_commit)[:10]}`; "
             "workflows/scripts/bench_block_scores_ncu.py): SM busy is the tensor pipe's share of cycles here; "
-            "the stalls are the reasons warps wait between instructions, as shares of all waiting cycles.",
+            "the stalls are where a warp's cycles between two issued instructions go (ncu's warp-state reasons), "
+            "as shares of those cycles.",
             frame.to_markdown(index=False),
         ]
     )
 
 
 def ncu_summary(path: Path) -> str | None:
-    """What bounds the kernel, in a few words, from the profile's first (shortest-context, MHA) row."""
+    """What bounds the kernel, in a few words, from the profile's shortest-context MHA row (else its first)."""
     frame = ncu_frame(path) if path.exists() else pd.DataFrame()
     if not len(frame):
         return None
-    r = frame.iloc[0]
+    mha = frame[[h.split("/")[0] == h.split("/")[1] for h in frame["heads (q/kv)"]]]
+    r = (mha if len(mha) else frame).iloc[0]
     return (
         f"Nsight Compute at {r.context // 1024}K {r['heads (q/kv)']}: SM busy {r['SM busy %']:.0f}%, DRAM "
         f"{r['DRAM % of peak']:.0f}% of peak, issue slots {r['issue slots busy %']:.0f}%, occupancy "
