@@ -233,6 +233,42 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
     assert row.met == "yes" and "lora 0K (memory, fits no probe)" in row.measured
 
 
+def test_full_gpu_context_target_reads_uncapped_lemo_searches(tmp_path):
+    from lemo.bench.targets import full_gpu_context_target
+
+    d = tmp_path / "h200-maxctx-512k"
+    d.mkdir()
+    cols = ["method", "cap_gib", "max_context", "bound", "step_s", "peak_gib"]
+    rows = [("lemo-x", None, 512 * 1024, "limit", 218.0, 85.2), ("lemo-x", 80.0, 900 * 1024, "limit", 1.0, 1.0)]
+    pd.DataFrame(rows, columns=cols).to_csv(d / "max_context.csv", index=False)
+    row = full_gpu_context_target(tmp_path)
+    assert row.measured.startswith("lemo-x 512K: 218 s/step, 85.2 GiB") and row.met == "yes"
+    pd.DataFrame([("lemo-x", None, 384 * 1024, "memory", 99.0, 130.0)], columns=cols).to_csv(
+        d / "max_context.csv", index=False
+    )
+    assert full_gpu_context_target(tmp_path).met == "no"
+    pd.DataFrame([("lemo-x", None, 512 * 1024, "error", 1.0, 1.0)], columns=cols).to_csv(
+        d / "max_context.csv", index=False
+    )
+    assert full_gpu_context_target(tmp_path).met == "not measured"
+    assert full_gpu_context_target(tmp_path / "nothing").met == "not measured"
+
+
+def test_ncu_profile_table_from_the_committed_run():
+    from pathlib import Path
+
+    from lemo.bench.kernel_roofline import ncu_frame, ncu_summary
+
+    path = Path(__file__).parents[1] / "results/h200-kernels/kernels/block_scores_ncu.csv"
+    frame = ncu_frame(path)
+    assert len(frame) == 4 and frame["duration (ms)"].notna().all()
+    # ncu prints 131K's duration in ms and 8K's in us: scaled, the longer context takes longer
+    by_context = frame.groupby("context")["duration (ms)"].min()
+    assert by_context[131072] > 100 * by_context[8192]
+    assert (frame["shared KiB/block"] <= 228).all()  # an H100/H200 SM has 228 KiB of shared memory
+    assert "8K 32/32" in ncu_summary(path) and " selected " not in ncu_summary(path).replace(",", " ")
+
+
 def test_block_score_roofline_intensity_and_default_rows(tmp_path):
     from lemo.bench.kernel_roofline import default_rows, intensity, tuning_frame
     from lemo.kernels.block_scores import default_config

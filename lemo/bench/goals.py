@@ -52,6 +52,7 @@ class PredictorGoals:
 class MaxContextGoal:
     cap_gib: float
     ratio: float
+    full_gpu_tokens: int  # LeMo's one step on the whole GPU, within the runner's command limit
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ R = 2 is 64 KB; R = 4 (256 KB) is the whole register file of an SM and spills.
 The roofline is an upper bound; the Nsight Compute profile (workflows/scripts/bench_block_scores_ncu.py,
 `ncu_section`) shows what binds: the accumulator and the pipelined tiles leave room for one program per SM,
 so latency (waiting at the barriers between a head's loads and its product, then the fp32 relu-accumulate)
-is not hidden, and neither DRAM nor L2 is near its peak.
+is not hidden: at 8K neither DRAM nor L2 is near its peak. At 131K with one KV head per query head, L2
+reuse falls and the tile loads start to bind as well (results/h200-kernels/kernels/summary.md).
 """
 
 from __future__ import annotations
