@@ -409,8 +409,8 @@ def remove_lemo(model):
             setattr(original, name, child)
         original.gradient_checkpointing = wrapper.gradient_checkpointing
         func = wrapper.__dict__.get("_gradient_checkpointing_func")  # set on the wrapper if enabled after apply
-        if func is not None:
-            original._gradient_checkpointing_func = func.func if isinstance(func, PinnedCheckpoint) else func
+        if func is not None:  # the wrapper pins it per call (LeMoLayer._checkpoint_func): it is the plain one
+            original._gradient_checkpointing_func = func
         original.train(wrapper.training)
         layers[i] = original
     for module, prior in handle.patched:

@@ -13,6 +13,7 @@ are dropped after each step. Call it once before training, on the GPU that train
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -42,6 +43,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(model, ids: torch.Tensor, warmup: int, steps: int) -> float:
+    """The median step, or infinity when the step does not fit in device memory (the other mode wins)."""
+    try:
+        return _median_step(model, ids, warmup, steps)
+    except torch.OutOfMemoryError:
+        for p in model.parameters():
+            p.grad = None
+        if ids.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return math.inf
+
+
 def _median_step(model, ids: torch.Tensor, warmup: int, steps: int) -> float:
     times = []
     for i in range(warmup + steps):
@@ -60,6 +73,7 @@ def calibrate_min_sparse_tokens(
     model, lengths, *, batch_size: int = 1, warmup: int = 1, steps: int = 3, seed: int = 0
 ) -> Calibration:
     """Time sparse and dense steps at each length (module docstring); the model's config is left as found.
+    A step that runs out of device memory counts as infinitely slow (where dense does not fit, sparse wins).
     If the sparse step is slower at the longest length, the result is one above it (dense everywhere
     measured), with a warning: measure longer lengths to find where it pays off."""
     lengths = sorted({int(n) for n in lengths})
@@ -69,6 +83,10 @@ def calibrate_min_sparse_tokens(
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     config = lemo_config(model)
     lm = unwrap(model)
+    if lm._lemo.state.always_sparse:
+        raise ValueError(
+            "sequence-parallel LeMo has no dense fallback (min_sparse_tokens does not apply): nothing to calibrate"
+        )
     device = next(lm.parameters()).device
     was_training, saved = lm.training, config.min_sparse_tokens
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +98,7 @@ def calibrate_min_sparse_tokens(
             seconds[n] = {}
             for mode, threshold in (("sparse", 0), ("dense", n + 1)):
                 config.min_sparse_tokens = threshold
-                seconds[n][mode] = _median_step(model, ids, warmup, steps)
+                seconds[n][mode] = _timed(model, ids, warmup, steps)
     finally:
         config.min_sparse_tokens = saved
         model.train(was_training)

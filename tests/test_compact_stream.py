@@ -67,6 +67,23 @@ def test_compact_stream_equals_per_layer_movement_with_the_default_config(name, 
     assert_grads_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+@pytest.mark.parametrize("checkpointing", [None, False, True])  # off, non-reentrant, reentrant
+def test_triton_compact_run_equals_per_layer_torch_in_every_layout(mode, checkpointing):
+    """The Triton norms and RoPE of a compact run (per-row cos/sin tables when packed) under checkpointing."""
+    torch.manual_seed(6)
+    batch = layout_batch(mode)
+    results = []
+    for compact, movement in ((True, "triton"), (False, "torch")):
+        model = tiny_lora_model("llama2-tiny")
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        apply_lemo(model, LeMoConfig(**CONFIG, compact_stream=compact, movement_kernel=movement))
+        results.append(_loss_and_grads(model, **batch))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    assert_grads_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
 def test_checkpoints_of_a_compact_run_hold_kept_rows_only():
     length = 320
     ids = torch.randint(0, 512, (1, length))

@@ -238,20 +238,50 @@ def test_full_gpu_context_target_reads_uncapped_lemo_searches(tmp_path):
 
     d = tmp_path / "h200-maxctx-512k"
     d.mkdir()
-    cols = ["method", "cap_gib", "max_context", "bound", "step_s", "peak_gib"]
-    rows = [("lemo-x", None, 512 * 1024, "limit", 218.0, 85.2), ("lemo-x", 80.0, 900 * 1024, "limit", 1.0, 1.0)]
-    pd.DataFrame(rows, columns=cols).to_csv(d / "max_context.csv", index=False)
+    cols = ["method", "cap_gib", "max_context", "bound", "step_s", "peak_gib", "model", "gpu"]
+
+    def write(*rows):
+        pd.DataFrame([r + ("llama2-7b", "NVIDIA H200")[len(r) - 6 :] for r in rows], columns=cols).to_csv(
+            d / "max_context.csv", index=False
+        )
+
+    write(("lemo-x", None, 512 * 1024, "limit", 218.0, 85.2), ("lemo-x", 80.0, 900 * 1024, "limit", 1.0, 1.0))
     row = full_gpu_context_target(tmp_path)
     assert row.measured.startswith("lemo-x 512K: 218 s/step, 85.2 GiB") and row.met == "yes"
-    pd.DataFrame([("lemo-x", None, 384 * 1024, "memory", 99.0, 130.0)], columns=cols).to_csv(
-        d / "max_context.csv", index=False
-    )
+    write(("lemo-x", None, 384 * 1024, "memory", 99.0, 130.0))
     assert full_gpu_context_target(tmp_path).met == "no"
-    pd.DataFrame([("lemo-x", None, 512 * 1024, "error", 1.0, 1.0)], columns=cols).to_csv(
-        d / "max_context.csv", index=False
-    )
-    assert full_gpu_context_target(tmp_path).met == "not measured"
+    # no measurement of the target: an error, a step past the time bound or the command limit, another
+    # model or GPU
+    for bad in [
+        ("lemo-x", None, 512 * 1024, "error", 1.0, 1.0),
+        ("lemo-x", None, 512 * 1024, "time", 200.0, 1.0),
+        ("lemo-x", None, 512 * 1024, "limit", 700.0, 1.0),
+        ("lemo-x", None, 512 * 1024, "limit", 1.0, 1.0, "llama3-8b", "NVIDIA H200"),
+        ("lemo-x", None, 512 * 1024, "limit", 1.0, 1.0, "llama2-7b", "NVIDIA A100"),
+    ]:
+        write(bad)
+        assert full_gpu_context_target(tmp_path).met == "not measured", bad
     assert full_gpu_context_target(tmp_path / "nothing").met == "not measured"
+
+
+def test_ncu_report_without_ncu_says_so(tmp_path):
+    from lemo.bench.kernel_roofline import ncu_section, ncu_summary
+
+    path = tmp_path / "block_scores_ncu.csv"
+    pd.DataFrame([dict(kernel="block_scores", R=2, status="unavailable", reason="ncu is not on the PATH")]).to_csv(
+        path, index=False
+    )
+    assert "not profiled (ncu is not on the PATH)" in ncu_section(path)
+    assert ncu_summary(path) is None
+
+
+def test_a_calibrated_default_is_not_the_default():
+    from lemo import LeMoConfig
+    from lemo.bench.targets import _is_default
+
+    described = "LoRA + LeMo " + LeMoConfig().to_json()
+    assert _is_default(described)
+    assert not _is_default(described + " + min_sparse_tokens calibrated at [2048, 4096] tokens")
 
 
 def test_ncu_profile_table_from_the_committed_run():

@@ -232,7 +232,14 @@ class JobRunner:
             trainable = [t for t in model.parameters() if t.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4)
             with attention_context(p.attention):
-                cal = calibrate(model, p.options, p.gradient_checkpointing) if p.method_name == "lemo" else None
+                cal = None
+                if p.method_name == "lemo" and p.options.get("calibrate"):
+                    setup = (p.gradient_checkpointing, p.attention, p.batch_size, p.offload_activations)
+                    try:
+                        cal = calibrate(model, p.options, setup, batch_size=p.batch_size)
+                    except Exception as err:  # not this point's own out-of-memory or failure
+                        raise RuntimeError(f"calibrating min_sparse_tokens failed: {err}") from err
+                    _free(self.device)  # the calibration's longest steps must not count in this point's memory
                 stats = time_steps(model, batch, optimizer, p.warmup, p.steps, offload=p.offload_activations)
                 metrics = {
                     "step_s": stats.median_s,

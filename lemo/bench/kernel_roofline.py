@@ -114,7 +114,7 @@ def _number(value) -> float:
 
 
 # ncu picks a unit per value: scaled here to the table's (ms, KiB)
-_SCALE = {"ns": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3, "second": 1e3}
+_SCALE = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3, "second": 1e3}
 _SCALE |= {"byte/block": 1 / 1024, "Kbyte/block": 1000 / 1024, "Mbyte/block": 1e6 / 1024}
 
 
@@ -130,6 +130,8 @@ def ncu_frame(path: Path) -> pd.DataFrame:
     """One row per profiled (context, hq, hkv): the NCU_METRICS columns, and the warp-stall reasons ranked by
     their share of a warp's cycles between issues ("top stalls")."""
     d = pd.read_csv(path)
+    if "context" not in d or not (d.status == "ok").any():  # nothing profiled (e.g. no ncu on the machine)
+        return pd.DataFrame()
     d = d[d.status == "ok"]
     rows = []
     for (context, hq, hkv), g in d.groupby(["context", "hq", "hkv"], sort=True):
@@ -145,10 +147,11 @@ def ncu_frame(path: Path) -> pd.DataFrame:
 
 
 def ncu_section(path: Path) -> str:
-    frame = ncu_frame(path)
     first = pd.read_csv(path).iloc[0]
-    if first.status != "ok":
-        return f"**Block-score kernel, Nsight Compute** (`{path.name}`): not profiled ({first.reason})."
+    frame = ncu_frame(path)
+    if not len(frame):
+        why = first.get("reason", first.status)
+        return f"**Block-score kernel, Nsight Compute** (`{path.name}`): not profiled ({why})."
     return "\n\n".join(
         [
             f"**Block-score kernel, Nsight Compute** (`{path.name}`, {first.gpu}, default launch config R={first.R}, "

@@ -90,6 +90,8 @@ def _is_default(description: str) -> bool:
 
     if not isinstance(description, str) or "LeMo {" not in description:
         return False
+    if "min_sparse_tokens calibrated" in description:  # its min_sparse_tokens was chosen in the run, not 0
+        return False
     try:
         resolved = json.loads(description[description.index("{") :].split(" + ")[0])
     except ValueError:
@@ -330,6 +332,9 @@ def max_context_target(results: Path) -> Row:
     return Row(label, goal, f"{ratio:.2f}x: {text(ours)} vs {text(best)}", _mark(ratio >= g.ratio), str(csv))
 
 
+COMMAND_LIMIT_S = 600  # the GPU runner's limit on one command: a step must fit it with the model's setup
+
+
 def full_gpu_context_target(results: Path) -> Row:
     """LeMo's longest context in one step on the whole GPU (lemo.bench.maxctx with no cap)."""
     tokens = goals().max_context.full_gpu_tokens
@@ -339,7 +344,14 @@ def full_gpu_context_target(results: Path) -> Row:
     if not csv.exists():
         return Row(label, goal, "", _mark(None), "")
     m = pd.read_csv(csv)
-    m = m[m.cap_gib.isna() & m.method.str.startswith("lemo") & ~m.bound.isin(["error", "killed"])]
+    m = m[
+        m.cap_gib.isna()
+        & m.method.str.startswith("lemo")
+        & ~m.bound.isin(["error", "killed", "time"])  # "time": the step ran past the search's time bound
+        & (m.model == "llama2-7b")
+        & m.gpu.astype(str).str.contains("H200")
+        & (m.step_s <= COMMAND_LIMIT_S)
+    ]
     if not len(m):
         return Row(label, goal, "", _mark(None), str(csv))
     r = m.loc[m.max_context.idxmax()]

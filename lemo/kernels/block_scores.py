@@ -268,11 +268,12 @@ if _HAS_TRITON:
 
 # --------------------------------------------------------------------------- launch config
 # Launch config when none is given: on the H200 (Triton 3.6, bf16, D=128) R=2 with 8 warps (two
-# warpgroups on a 128x128 fp32 accumulator) was the fastest of R in {1, 2} x warps in {4, 8} at every
-# context from 8K to 131K, MHA and GQA: 1.1-1.5x R=1 (results/h200-kernels/kernels/
-# block_scores_tuning.csv, workflows/scripts/bench_block_scores_tuning.py). R=4 spills registers. For D > 128,
-# LARGE_D_CONFIG keeps one block per program and 2 stages to stay inside shared memory. (The head loop
-# is not software-pipelined: num_stages 2, 3 and 4 give the same sm_90 PTX.)
+# warpgroups on a 128x128 fp32 accumulator) was the fastest or within 5% of it at every context from 8K to
+# 131K, MHA and GQA, among R in {1, 2}, 4/8/16 warps and the nested or flat (one pipelined loop over query
+# heads) head loop (results/h200-kernels/kernels/block_scores_tuning.csv, workflows/scripts/
+# bench_block_scores_tuning.py). R=4 spills registers. For D > 128, LARGE_D_CONFIG keeps one block per
+# program and 2 stages to stay inside shared memory. Nsight Compute (block_scores_ncu.csv) shows why no
+# config gains more: one program per SM, its warps waiting at barriers.
 DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3, "flat": 0}
 LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2, "flat": 0}
 CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "flat": (0, 1)}

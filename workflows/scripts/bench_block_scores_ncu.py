@@ -72,6 +72,7 @@ def main(out, contexts):
         R=cfg["R"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        flat=cfg["flat"],
         gpu=prov["gpu"],
         driver=prov["driver"],
         torch=prov["torch"],
