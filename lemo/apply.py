@@ -93,7 +93,7 @@ class LeMoLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if not self._active():
-            self.original.train(self.training)
+            self._sync_mode()
             return self.original(hidden_states, *args, **kwargs)
         if self.state.dense:
             return self._dense(hidden_states, *args, **kwargs)  # too short for scoring to pay off
@@ -127,6 +127,12 @@ class LeMoLayer(nn.Module):
         )
         return self._checkpointed(run, hidden_states)
 
+    def _sync_mode(self) -> None:
+        """The original layer in this wrapper's train/eval mode: `train()` walks every submodule, so only when
+        they differ (per forward it was a measurable share of a short step's launch time)."""
+        if self.original.training != self.training:
+            self.original.train(self.training)
+
     def _checkpointed(self, run, *inputs: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._checkpoint_func()(run, *inputs)
@@ -156,7 +162,7 @@ class LeMoLayer(nn.Module):
 
     def _dense(self, hidden_states: torch.Tensor, *args, **kwargs):
         """The original layer (as in eval mode), checkpointed like the sparse path when that is on."""
-        self.original.train(self.training)
+        self._sync_mode()
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return self._checkpoint_func()(functools.partial(self.original, **kwargs), hidden_states, *args)
         return self.original(hidden_states, *args, **kwargs)
@@ -343,7 +349,7 @@ def apply_lemo(model, config: LeMoConfig | None = None):
         state.shared = None
         state.stream = None
         state.layerdrop = bool(module.training and getattr(module, "layerdrop", 0.0))
-        if recompute:
+        if recompute and not state.dense:  # a walk over every module: not in dense forwards, which do not use it
             patch_lora_a(decoder, lora_a, wrap=dense_fallback)
         if (module.training or config.active_in_eval) and kwargs.get("use_cache") is not False:
             # LeMo layers fill no KV cache; a config default of use_cache=True must not make the decoder build one.

@@ -202,3 +202,21 @@ def test_checkpointing_enabled_after_apply_survives_remove_lemo():
     remove_lemo(model)
     ids = torch.randint(0, 512, (1, 64))
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_lora_added_after_apply_is_routed_at_the_first_sparse_forward():
+    """Dense forwards skip the walk that finds PEFT's lora_A Linears; the first sparse forward still finds them."""
+    from lemo.models.registry import build_model
+    from lemo_baselines.lora import apply_lora
+
+    model = build_model("llama2-tiny", dtype=torch.float32)
+    apply_lemo(model, LeMoConfig(sparse_first=0, block_size=16, min_sparse_tokens=64))
+    model = apply_lora(model)
+    model.train()
+    handle = lemo.apply.unwrap(model)._lemo
+    ids = torch.randint(0, 512, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not handle.lora_a  # dense: nothing routed through lemo.lora_norm
+    ids = torch.randint(0, 512, (1, 96))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert handle.lora_a and lemo_state(model).selections
