@@ -117,7 +117,6 @@ def test_the_sweep_option_sets_min_sparse_tokens_once_per_model_and_mode(monkeyp
         return cx.Calibration(128 * len(calls), {64: {"sparse": 2.0, "dense": 1.0}})
 
     monkeypatch.setattr(methods, "calibrate_min_sparse_tokens", fake)
-    monkeypatch.setattr(methods, "_CALIBRATED", {})
     base = tiny_lora_model("llama2-tiny").unload()
     options = {"lemo": {"block_size": 16}, "calibrate": [64, 128]}
     for checkpointing, expected in ((False, 128), (False, 128), (True, 256)):

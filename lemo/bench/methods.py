@@ -47,22 +47,20 @@ def _teardown_lora_liger(model):
     return liger.remove_liger(model).unload()
 
 
-# (id of the base model, the method's options, the point's setup) -> Calibration
-_CALIBRATED: dict = {}
-
-
 def calibrate(model, options: dict, setup: tuple, batch_size: int = 1):
     """For a lemo method with `calibrate` (token counts): min_sparse_tokens chosen by lemo.crossover on this
     model as set up for measuring (call it under the point's attention backend, with its checkpointing
     set), once per base model, options and `setup` (what else changes the timings: checkpointing,
-    backend, batch size), and set on the model; returns the Calibration (None without `calibrate`)."""
+    backend, batch size), and set on the model; returns the Calibration (None without `calibrate`).
+    The calibrations live on the base model, so they go with it."""
     if not options.get("calibrate"):
         return None
-    key = (id(unwrap(model)), json.dumps(options, sort_keys=True), setup)
-    if key not in _CALIBRATED:
-        _CALIBRATED[key] = calibrate_min_sparse_tokens(model, options["calibrate"], batch_size=batch_size)
-    lemo_config(model).min_sparse_tokens = _CALIBRATED[key].min_sparse_tokens
-    return _CALIBRATED[key]
+    done = unwrap(model).__dict__.setdefault("_lemo_calibrations", {})
+    key = (json.dumps(options, sort_keys=True), setup)
+    if key not in done:
+        done[key] = calibrate_min_sparse_tokens(model, options["calibrate"], batch_size=batch_size)
+    lemo_config(model).min_sparse_tokens = done[key].min_sparse_tokens
+    return done[key]
 
 
 def _setup_lemo(model, options: dict):
