@@ -114,20 +114,24 @@ def test_triton_leftpad_noncontiguous_negative_scale():
 
 
 # (B, Hq, Hkv, L, D, block_size): L a multiple of neither block_size nor R * block_size
-R_CASES = [(2, 4, 2, 200, 16, 16), (1, 2, 1, 150, 16, 32)]
+R_CASES = [(2, 4, 2, 200, 16, 16), (1, 2, 1, 150, 16, 32), (1, 1, 1, 70, 16, 16)]
 
 
-@pytest.mark.parametrize("R,flat", [(1, 0), (2, 0), (4, 0), (1, 1), (2, 1)])
+LOOPS = [(1, 0, 0), (2, 0, 0), (4, 0, 0), (1, 1, 0), (2, 1, 0), (1, 1, 1), (2, 1, 1)]  # (R, flat, lookahead)
+
+
+@pytest.mark.parametrize("R,flat,lookahead", LOOPS)
 @pytest.mark.parametrize("docs", [None, "rightpad", "packed"])
 @pytest.mark.parametrize("case", R_CASES, ids=lambda c: "B{}_Hq{}_Hkv{}_L{}_D{}_bs{}".format(*c))
-def test_triton_super_tiles_match_reference(case, docs, R, flat):
+def test_triton_super_tiles_match_reference(case, docs, R, flat, lookahead):
     """A program covering R x R blocks gives the same map, at the edges and across documents too; so does
-    the flat (one loop over query heads, GQA included) head loop."""
+    the flat (one loop over query heads, GQA included) head loop, with and without the product of the next
+    head issued ahead (one head included)."""
     B, Hq, Hkv, L, D, bs = case
     q, k = _qk(B, Hq, Hkv, L, D)
     d = _docs(docs, B, L)
     ref = block_scores_reference(q, k, block_size=bs, scale=-0.3, doc_ids=d)
-    config = {"R": R, "num_warps": 8, "flat": flat}
+    config = {"R": R, "num_warps": 8, "flat": flat, "lookahead": lookahead}
     bmap, col = block_scores(q, k, block_size=bs, scale=-0.3, doc_ids=d, config=config)
     torch.testing.assert_close(bmap, ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(col, ref.sum(dim=1), rtol=RTOL, atol=ATOL)
@@ -141,6 +145,7 @@ def test_triton_super_tiles_match_reference(case, docs, R, flat):
         ({"num_stages": 0}, "num_stages"),
         ({"R": 2.0}, r"config\['R'\]=2.0"),
         ({"BLOCK": 2}, "unknown config keys"),
+        ({"lookahead": 1}, "set flat=1"),
         ((1, 4, 3), "must be a dict"),
     ],
 )

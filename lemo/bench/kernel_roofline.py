@@ -52,8 +52,9 @@ def default_rows(frame: pd.DataFrame, head_dim: int = 128) -> pd.DataFrame:
 
     cfg = default_config(head_dim)
     same = (frame.R == cfg["R"]) & (frame.num_warps == cfg["num_warps"]) & (frame.num_stages == cfg["num_stages"])
-    if "flat" in frame:  # tuning runs before the flat head loop existed ran the nested one only
-        same &= frame.flat.fillna(0) == cfg["flat"]
+    for key in ("flat", "lookahead"):  # runs before these options existed ran without them (0)
+        if key in frame:
+            same &= frame[key].fillna(0) == cfg[key]
     return frame[same]
 
 
@@ -67,6 +68,7 @@ def tuning_section(path: Path, ceilings: dict) -> str:
             "warps": frame.num_warps,
             "stages": frame.num_stages,
             "flat": frame.flat if "flat" in frame else 0,
+            "lookahead": frame.lookahead.fillna(0).astype(int) if "lookahead" in frame else 0,
             "ms": frame.ms.round(3),
             "TFLOP/s": frame.tflops.round(0),
             "% of matmul ceiling": (100 * frame.of_ceiling).round(0),
@@ -84,7 +86,8 @@ def tuning_section(path: Path, ceilings: dict) -> str:
             "(matmul ceiling / copy bandwidth) at every R that fits the fp32 accumulator in registers (R = 4 "
             "spills). L2 reuse between neighbouring programs lifts it above the HBM roofline, not to the matmul "
             "ceiling (lemo.bench.kernel_roofline). flat = 1: one software-pipelined loop over query heads (a GQA "
-            "key tile loaded once per query head) instead of KV heads x group.",
+            "key tile loaded once per query head) instead of KV heads x group; lookahead = 1: in that loop, the next "
+            "head's product issued before this head's epilogue (relu, add).",
             table.to_markdown(index=False),
         ]
     )

@@ -201,6 +201,7 @@ if _HAS_TRITON:
         PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
         FLAT: tl.constexpr,  # one loop over query heads (software-pipelined loads) instead of KV head x group
         STAGES: tl.constexpr,  # pipeline depth of the flat loop
+        LOOKAHEAD: tl.constexpr,  # flat loop: the next head's product is issued before this head's epilogue
     ):
         # Grid: (number of lower-triangular super-tiles, B). One program per (SI, SJ <= SI)
         # super-tile of R x R blocks. The head sum must finish before the block max, so
@@ -229,7 +230,26 @@ if _HAS_TRITON:
         k_base = k_ptr + b * skb + cols[:, None] * skl + dd[None, :] * skd  # (R*BS, D)
 
         acc = tl.zeros((R * BS, R * BS), dtype=tl.float32)
-        if FLAT:
+        if LOOKAHEAD:
+            # The flat loop, with the product of head h issued before the epilogue (relu, add) of head h - 1,
+            # so the tensor cores need not idle while the accumulator is updated (if the compiler keeps
+            # the product asynchronous).
+            n_heads = n_kv_heads * GROUP
+            kt = tl.trans(tl.load(k_base, mask=col_in[:, None], other=0.0))
+            qt = tl.load(q_base, mask=row_in[:, None], other=0.0)
+            s = tl.dot(qt, kt, input_precision=PRECISION)
+            for h in tl.range(1, n_heads, num_stages=STAGES):
+                kt = tl.trans(tl.load(k_base + (h // GROUP) * skh, mask=col_in[:, None], other=0.0))
+                qt = tl.load(q_base + h * sqh, mask=row_in[:, None], other=0.0)
+                s_next = tl.dot(qt, kt, input_precision=PRECISION)
+                if NEG:
+                    s = -s
+                acc += tl.maximum(s, 0.0)
+                s = s_next
+            if NEG:
+                s = -s
+            acc += tl.maximum(s, 0.0)
+        elif FLAT:
             # One loop over query heads: the innermost loop, so Triton prefetches the next head's tiles
             # while this one's product runs; a GQA key tile is loaded once per query head (L2 hits).
             for h in tl.range(0, n_kv_heads * GROUP, num_stages=STAGES):
@@ -274,9 +294,15 @@ if _HAS_TRITON:
 # bench_block_scores_tuning.py). R=4 spills registers. For D > 128, LARGE_D_CONFIG keeps one block per
 # program and 2 stages to stay inside shared memory. Nsight Compute (block_scores_ncu.csv) shows why no
 # config gains more: one program per SM, its warps waiting at barriers.
-DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3, "flat": 0}
-LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2, "flat": 0}
-CONFIG_CHOICES = {"R": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "flat": (0, 1)}
+DEFAULT_CONFIG = {"R": 2, "num_warps": 8, "num_stages": 3, "flat": 0, "lookahead": 0}
+LARGE_D_CONFIG = {"R": 1, "num_warps": 8, "num_stages": 2, "flat": 0, "lookahead": 0}
+CONFIG_CHOICES = {
+    "R": (1, 2, 4),
+    "num_warps": (1, 2, 4, 8, 16),
+    "num_stages": (1, 2, 3, 4, 5),
+    "flat": (0, 1),
+    "lookahead": (0, 1),
+}
 
 
 def default_config(D: int) -> dict:
@@ -297,6 +323,8 @@ def _resolve_config(config, D):
     for key, choices in CONFIG_CHOICES.items():
         if type(cfg[key]) is not int or cfg[key] not in choices:
             raise ValueError(f"config[{key!r}]={cfg[key]!r} not allowed; choose one of {choices}")
+    if cfg["lookahead"] and not cfg["flat"]:
+        raise ValueError("config lookahead=1 pipelines the flat head loop: set flat=1 too")
     return cfg
 
 
@@ -339,6 +367,7 @@ def _launch_block_scores(q, k, doc_ids, bmap, scale, block_size, config=None):
         PRECISION=precision,
         FLAT=bool(cfg["flat"]),
         STAGES=cfg["num_stages"],
+        LOOKAHEAD=bool(cfg["lookahead"]),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -352,9 +381,9 @@ def block_scores(q, k, block_size=64, scale=None, doc_ids=None, return_map=True,
     q (B, Hq, L, D), k (B, Hkv, L, D) in any float dtype (may be non-contiguous);
     D and block_size must be powers of two >= 16. Memory: O(B * nb^2) floats.
     ``config``: launch config, a dict with some of the keys R (a program covers R x R
-    blocks), num_warps, num_stages and flat (1: one software-pipelined loop over query heads; see
-    CONFIG_CHOICES); None or missing keys take
-    ``default_config(D)``. It changes speed, and the result only by rounding.
+    blocks), num_warps, num_stages, flat (1: one software-pipelined loop over query heads) and
+    lookahead (1: in that loop, the next head's product issued before this head's epilogue); see
+    CONFIG_CHOICES; None or missing keys take ``default_config(D)``. It changes speed, and the result only by rounding.
     Needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); use
     ``block_scores_torch`` elsewhere.
     """

@@ -73,6 +73,7 @@ def main(out, contexts):
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         flat=cfg["flat"],
+        lookahead=cfg["lookahead"],
         gpu=prov["gpu"],
         driver=prov["driver"],
         torch=prov["torch"],

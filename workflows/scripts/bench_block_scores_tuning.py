@@ -31,11 +31,17 @@ GRID = [dict(R=r, num_warps=w, num_stages=3, flat=0) for r, w in itertools.produ
     dict(R=r, num_warps=w, num_stages=s, flat=1) for r, w, s in itertools.product((1, 2), (4, 8), (2, 3))
 ]
 GRID += [dict(R=2, num_warps=16, num_stages=s, flat=f) for s, f in ((3, 0), (2, 1), (3, 1))]
+# lookahead: the next head's product issued before this head's epilogue, so that (if Triton keeps the wgmma
+# asynchronous) the tensor cores work while the accumulator is updated: a ping-pong within one program.
+GRID = [dict(cfg, lookahead=0) for cfg in GRID] + [
+    dict(R=r, num_warps=w, num_stages=s, flat=1, lookahead=1)
+    for r, w, s in ((2, 8, 2), (2, 8, 3), (1, 4, 3), (2, 16, 2))
+]
 PRUNE = 2.0
 
 
 def _name(cfg):
-    return f"R={cfg['R']} w={cfg['num_warps']} s={cfg['num_stages']} flat={cfg['flat']}"
+    return f"R={cfg['R']} w={cfg['num_warps']} s={cfg['num_stages']} flat={cfg['flat']} lookahead={cfg['lookahead']}"
 
 
 def _measure(q, k, cfg, ref):
