@@ -17,6 +17,8 @@ def _row(rows, start):
 
 
 def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
+    from lemo.bench.targets import quality_failures
+
     rows = target_rows(RESULTS)
     runs = []
     for (
@@ -26,6 +28,7 @@ def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
         if not csv.exists():
             continue
         f = pd.read_csv(csv)
+        failed = quality_failures(RESULTS)  # variants that failed the quality goal do not count
         pt = f[
             (f.model == "llama2-7b")
             & (f.context == 8192)
@@ -35,7 +38,7 @@ def test_ratio_targets_use_the_strongest_lora_family_row_of_one_run():
         ]
         for _, grp in pt.groupby("git_commit"):
             lora = grp[grp.method_name.isin(["lora", "lora-liger"])].value
-            lemo = grp[grp.method.str.startswith("lemo")].value
+            lemo = grp[grp.method.str.startswith("lemo") & ~grp.method.str.removesuffix("-liger").isin(failed)].value
             if len(lora) and len(lemo):
                 runs.append((lora.min(), lora.min() / lemo.min()))
     strongest = min(base for base, _ in runs)  # only runs holding the strongest baseline (within 5%) count
@@ -342,3 +345,18 @@ def test_block_score_roofline_intensity_and_default_rows(tmp_path):
     assert list(frame.hbm_roofline_tflops) == [32 * 4.0, 64 * 4.0]
     assert list(frame.of_ceiling) == [300 / 800, 600 / 800]
     assert list(default_rows(frame).tflops) == [600.0]
+
+
+def test_quality_failures_name_labels_above_the_perplexity_goal(tmp_path):
+    """A LeMo label whose perplexity delta exceeds the goal (in any quality experiment, worst delta kept) fails;
+    its memory-sweep twin with Liger maps to the same label."""
+    from lemo.bench.targets import _quality_label, quality_failures
+
+    for name, rows in {"a": [("lora", 0.0), ("x", 1.0), ("y", 5.0)], "b": [("y", 7.5), ("z", 2.5)]}.items():
+        d = tmp_path / "results" / "accuracy" / name
+        d.mkdir(parents=True)
+        pd.DataFrame(rows, columns=["label", "delta_pct"]).to_csv(d / "frontier.csv", index=False)
+    failed = quality_failures(tmp_path / "results")
+    assert sorted(failed) == ["y", "z"]
+    assert failed["y"] == (7.5, "results/accuracy/b/frontier.csv")
+    assert _quality_label("y-liger") == "y" and _quality_label("x") == "x"
