@@ -171,6 +171,18 @@ def block_scores_torch(q, k, block_size=64, scale=None, doc_ids=None, return_map
 if _HAS_TRITON:
 
     @triton.jit
+    def _head_scores(
+        q_base, k_base, h, GROUP: tl.constexpr, sqh, skh, row_in, col_in, PRECISION: tl.constexpr, NEG: tl.constexpr
+    ):
+        """Query head h's (R*BS, R*BS) score tile against its KV head's keys, sign folded in (relu comes after)."""
+        kt = tl.trans(tl.load(k_base + (h // GROUP) * skh, mask=col_in[:, None], other=0.0))
+        qt = tl.load(q_base + h * sqh, mask=row_in[:, None], other=0.0)
+        s = tl.dot(qt, kt, input_precision=PRECISION)
+        if NEG:
+            s = -s
+        return s
+
+    @triton.jit
     def _block_scores_kernel(
         q_ptr,
         k_ptr,
@@ -234,30 +246,17 @@ if _HAS_TRITON:
             # The flat loop, with the product of head h issued before the epilogue (relu, add) of head h - 1,
             # so the tensor cores need not idle while the accumulator is updated (if the compiler keeps
             # the product asynchronous).
-            n_heads = n_kv_heads * GROUP
-            kt = tl.trans(tl.load(k_base, mask=col_in[:, None], other=0.0))
-            qt = tl.load(q_base, mask=row_in[:, None], other=0.0)
-            s = tl.dot(qt, kt, input_precision=PRECISION)
-            for h in tl.range(1, n_heads, num_stages=STAGES):
-                kt = tl.trans(tl.load(k_base + (h // GROUP) * skh, mask=col_in[:, None], other=0.0))
-                qt = tl.load(q_base + h * sqh, mask=row_in[:, None], other=0.0)
-                s_next = tl.dot(qt, kt, input_precision=PRECISION)
-                if NEG:
-                    s = -s
+            s = _head_scores(q_base, k_base, 0, GROUP, sqh, skh, row_in, col_in, PRECISION, NEG)
+            for h in tl.range(1, n_kv_heads * GROUP, num_stages=STAGES):
+                s_next = _head_scores(q_base, k_base, h, GROUP, sqh, skh, row_in, col_in, PRECISION, NEG)
                 acc += tl.maximum(s, 0.0)
                 s = s_next
-            if NEG:
-                s = -s
             acc += tl.maximum(s, 0.0)
         elif FLAT:
             # One loop over query heads: the innermost loop, so Triton prefetches the next head's tiles
             # while this one's product runs; a GQA key tile is loaded once per query head (L2 hits).
             for h in tl.range(0, n_kv_heads * GROUP, num_stages=STAGES):
-                kt = tl.trans(tl.load(k_base + (h // GROUP) * skh, mask=col_in[:, None], other=0.0))
-                qt = tl.load(q_base + h * sqh, mask=row_in[:, None], other=0.0)
-                s = tl.dot(qt, kt, input_precision=PRECISION)
-                if NEG:
-                    s = -s
+                s = _head_scores(q_base, k_base, h, GROUP, sqh, skh, row_in, col_in, PRECISION, NEG)
                 acc += tl.maximum(s, 0.0)
         else:
             for kvh in range(n_kv_heads):
