@@ -10,7 +10,7 @@ import torch
 import lemo.bench.bench as bench
 from lemo.bench.cli import main
 from lemo.bench.maxctx import Probe, find_search, run_search, search_max_context, searches
-from lemo.bench.maxctx_report import results_frame, table
+from lemo.bench.maxctx_report import memory_fit_context, results_frame, table
 
 K = 1024
 
@@ -143,8 +143,27 @@ def test_search_on_the_harness_records_every_probe_and_resumes(tmp_path, monkeyp
     assert run_search(SWEEP, s.id, tmp_path, log=lambda *_: None)["bound"] == "killed"
 
 
+def _probes(*fits, oom=None):
+    """Probe dicts of a search: (context, peak GiB) per fit, then an out-of-memory probe at `oom`."""
+    probes = [dict(context=c, status="ok", step_s=1.0, peak_gib=g) for c, g in fits]
+    return probes + ([dict(context=oom, status="oom", step_s=None, peak_gib=None)] if oom else [])
+
+
+def test_memory_fit_context_is_the_line_through_the_two_longest_fits_at_the_cap():
+    # 20 GiB at 100K, 30 GiB at 200K: 10 GiB per 100K reaches 80 GiB at 700K (716800), run in any order
+    probes = _probes((200 * K, 30.0), (50 * K, 5.0), (100 * K, 20.0), oom=800 * K)
+    search = dict(probes=probes, cap_gib=80.0, device_total_gib=139.8)
+    assert memory_fit_context(search) == 696 * K  # rounded down to the default granularity, 8K
+    assert memory_fit_context({**search, "settings": {"granularity": 16 * K}}) == 688 * K
+    # without a cap the line goes to the device's memory
+    assert memory_fit_context({**search, "cap_gib": None, "device_total_gib": 80.0}) == 696 * K
+    # no line: one fit, or peaks that do not grow
+    assert pd.isna(memory_fit_context({**search, "probes": _probes((100 * K, 20.0), oom=200 * K)}))
+    assert pd.isna(memory_fit_context({**search, "probes": _probes((100 * K, 20.0), (200 * K, 20.0))}))
+
+
 def test_report_csv_table_and_figure(tmp_path):
-    def result(method, cap, ctx, bound):
+    def result(method, cap, ctx, bound, probes=()):
         d = tmp_path / f"{method}-{cap}"
         d.mkdir()
         (d / "result.json").write_text(
@@ -160,7 +179,7 @@ def test_report_csv_table_and_figure(tmp_path):
                     "peak_gib": 70.0,
                     "bound": bound,
                     "device_total_gib": 139.8,
-                    "probes": [{}],
+                    "probes": list(probes),
                     "options": {},
                     "provenance": {"gpu": "H", "git_commit": "abc"},
                 }
@@ -170,8 +189,8 @@ def test_report_csv_table_and_figure(tmp_path):
 
     dirs = [
         result("lora", 80, 64 * K, "memory"),
-        result("lora-liger", 80, 128 * K, "memory"),
-        result("lemo-channel", 80, 320 * K, "time"),
+        result("lora-liger", 80, 128 * K, "memory", _probes((64 * K, 40.0), (128 * K, 72.0), oom=136 * K)),  # 144K
+        result("lemo-channel", 80, 320 * K, "time", _probes((100 * K, 20.0), (200 * K, 30.0))),  # fit: 696K
         result("lora", None, 96 * K, "memory"),
     ]
     assert (
@@ -191,7 +210,31 @@ def test_report_csv_table_and_figure(tmp_path):
     )
     frame = pd.read_csv(tmp_path / "m.csv")
     assert {"method", "model", "cap_gib", "max_context", "step_s", "peak_gib", "bound", "git_commit"} <= set(frame)
+    fits = frame.set_index("method").memory_fit_context.dropna()
+    assert fits.to_dict() == {"lemo-channel": 696 * K, "lora-liger": 144 * K}
     text = re.sub(r" +", " ", (tmp_path / "m.md").read_text())  # the table is padded by tabulate
-    assert "| llama2-7b | 80 GiB | lemo-channel | sdpa-cudnn | True | 320K | 1.0 | 70.0 | time | 2.50x |" in text
+    # the fit ratio is against the best LoRA-family fit of the group (lora-liger's 144K), beside the measured one
+    assert "| lemo-channel | sdpa-cudnn | True | 320K | 1.0 | 70.0 | time | 2.50x | 696K (fit) | 4.83x |" in text
+    assert "| lora-liger | sdpa-cudnn | True | 128K | 1.0 | 70.0 | memory | 1.00x | 144K (fit) | 1.00x |" in text
+    assert "| 64K | 1.0 | 70.0 | memory | 0.50x | | |" in text  # no fit: empty, not 0
+    assert "an extrapolation, not a measurement" in text
     assert "| llama2-7b | full GPU | lora |" in text and (tmp_path / "m.png").stat().st_size > 0
     assert table(results_frame([d / "result.json" for d in dirs])).count("\n") == 5
+
+
+def test_figure_draws_the_fit_as_an_extrapolated_extension_of_the_measured_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lemo.bench.maxctx_report import _fit_extensions
+
+    grp = pd.DataFrame(dict(max_context=[88 * K, 296 * K], memory_fit_context=[float("nan"), 472 * K]))
+    fig, ax = plt.subplots()
+    ax.barh(["lora", "lemo"], grp.max_context / 1024)
+    _fit_extensions(ax, grp, ["lora", "lemo"])
+    (extension,) = ax.containers[1]  # only the row with a fit gets one, from its measured bar to the fit
+    assert (extension.get_x(), extension.get_width(), extension.get_fill()) == (296, 472 - 296, False)
+    assert ax.get_legend_handles_labels()[1] == ["peak-memory fit (extrapolated)"]
+    plt.close(fig)

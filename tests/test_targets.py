@@ -208,25 +208,41 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
 
     d = tmp_path / "h200-maxctx"
     d.mkdir()
-    rows = [  # method, cap, max context, bound, step
-        ("lora", 80.0, 88 * 1024, "memory", 25.0),
-        ("lora-liger-offload", 80.0, 184 * 1024, "time", 111.0),
-        ("longlora", 80.0, 400 * 1024, "memory", 9.0),  # not LoRA-family: approximate attention
-        ("lemo-x", 80.0, 296 * 1024, "time", 74.0),
-        ("lemo-x", None, 900 * 1024, "memory", 90.0),  # another cap: not compared
+    columns = ["method", "cap_gib", "max_context", "bound", "step_s", "memory_fit_context"]
+    rows = [  # method, cap, max context, bound, step, peak-memory fit
+        ("lora", 80.0, 88 * 1024, "memory", 25.0, 104 * 1024),
+        ("lora-liger-offload", 80.0, 184 * 1024, "time", 111.0, 472 * 1024),
+        ("longlora", 80.0, 400 * 1024, "memory", 9.0, 420 * 1024),  # not LoRA-family: approximate attention
+        ("lemo-x", 80.0, 296 * 1024, "time", 74.0, 472 * 1024),
+        ("lemo-x", None, 900 * 1024, "memory", 90.0, None),  # another cap: not compared
     ]
-    pd.DataFrame(rows, columns=["method", "cap_gib", "max_context", "bound", "step_s"]).to_csv(
-        d / "max_context.csv", index=False
-    )
+    pd.DataFrame(rows, columns=columns).to_csv(d / "max_context.csv", index=False)
     row = max_context_target(tmp_path)
     assert row.measured.startswith("1.61x: lemo-x 296K (time, 74 s/step) vs lora-liger-offload 184K")
-    assert row.met == ("yes" if 296 / 184 >= goals().max_context.ratio else "no")
+    # both ended on time: the fits are reported beside the measurement, as the extrapolation they are
+    assert row.measured.endswith(
+        "; both searches ended on time: the peak-memory fits reach the cap at 472K vs 472K (1.00x, extrapolated)"
+    )
+    met = "yes" if 296 / 184 >= goals().max_context.ratio else "no"
+    assert row.met == met
+    # "met" is the measured ratio's, however far the fits reach
+    fit_far = pd.DataFrame(rows, columns=columns)
+    fit_far.loc[fit_far.method == "lemo-x", "memory_fit_context"] = 100 * 472 * 1024
+    fit_far.to_csv(d / "max_context.csv", index=False)
+    row = max_context_target(tmp_path)
+    assert "(100.00x, extrapolated)" in row.measured and row.met == met
+    # one search on time: named; both on memory: no fit in the text
+    pd.DataFrame(rows, columns=columns).assign(bound=["memory", "memory", "memory", "time", "memory"]).to_csv(
+        d / "max_context.csv", index=False
+    )
+    assert "; lemo-x's search ended on time: the peak-memory fits reach" in max_context_target(tmp_path).measured
+    pd.DataFrame(rows, columns=columns).assign(bound="memory").to_csv(d / "max_context.csv", index=False)
+    row = max_context_target(tmp_path)
+    assert row.measured == "1.61x: lemo-x 296K (memory, 74 s/step) vs lora-liger-offload 184K (memory, 111 s/step)"
+    assert row.met == met
     assert max_context_target(tmp_path / "nothing").met == "not measured"
     # a LeMo search that errored is no measurement, and its best row is then the next one
-    failed = pd.DataFrame(
-        rows + [("lemo-y", 80.0, 1024 * 1024, "error", 1.0)],
-        columns=["method", "cap_gib", "max_context", "bound", "step_s"],
-    )
+    failed = pd.DataFrame(rows + [("lemo-y", 80.0, 1024 * 1024, "error", 1.0, None)], columns=columns)
     failed.to_csv(d / "max_context.csv", index=False)
     assert max_context_target(tmp_path).measured.startswith("1.61x: lemo-x")
     only_errors = failed[failed.method.str.startswith("lora")].assign(bound="error")
