@@ -9,6 +9,7 @@ extrapolation, compared in its own "(fit)" columns, never a measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,6 +31,7 @@ COLUMNS = [
     "peak_gib",
     "bound",
     "memory_fit_context",
+    "fit_overshoot_pct",
     "probes",
     "device_total_gib",
     "config",
@@ -41,11 +43,16 @@ def is_lora_family(method: str) -> bool:
     return method == "lora" or method.startswith("lora-")
 
 
+MEASURED_LIMIT = ("memory", "host-ram")  # bounds at which a search found its memory limit: no fit needed
+
+
 def memory_fit_context(result: dict) -> float:
     """The context at which the line through the two longest fitting probes' peak allocated memory reaches the
     capacity (the cap, else the device's memory), rounded down to the search's granularity; NaN without such a
     line (fewer than two fits, or peaks not increasing). The search's own prediction, at margin 1."""
-    fits = sorted((Probe(**p) for p in result["probes"] if p.get("status") == "ok"), key=lambda p: p.context)
+    fields = {f.name for f in dataclasses.fields(Probe)}
+    probes = [Probe(**{k: v for k, v in p.items() if k in fields}) for p in result["probes"]]
+    fits = sorted((p for p in probes if p.status == "ok"), key=lambda p: p.context)
     cap = result.get("cap_gib")
     predicted = _memory_prediction(fits, cap if cap is not None else result.get("device_total_gib"), margin=1.0)
     if predicted is None:
@@ -54,12 +61,23 @@ def memory_fit_context(result: dict) -> float:
     return _round_down(predicted, granularity)
 
 
+def _fit_columns(result: dict) -> dict:
+    """memory_fit_context where the search did not find its memory limit (there the measurement stands), and
+    where it did, how far its fit lies beyond the measured limit (how optimistic the fits elsewhere are)."""
+    fit = memory_fit_context(result)
+    if result.get("bound") not in MEASURED_LIMIT:
+        return {"memory_fit_context": fit, "fit_overshoot_pct": math.nan}
+    measured = result.get("max_context") or 0
+    overshoot = 100 * (fit / measured - 1) if measured and not math.isnan(fit) else math.nan
+    return {"memory_fit_context": math.nan, "fit_overshoot_pct": overshoot}
+
+
 def results_frame(paths) -> pd.DataFrame:
     rows = []
     for path in paths:
         r = json.loads(Path(path).read_text())
         row = {c: r.get(c) for c in COLUMNS if c in r}
-        row.update(memory_fit_context=memory_fit_context(r))
+        row.update(_fit_columns(r))
         row.update(probes=len(r["probes"]), config=json.dumps(r["options"], sort_keys=True))
         row.update({c: r["provenance"].get(c) for c in PROV_COLS})
         rows.append(row)
@@ -87,10 +105,14 @@ def _ratio(value, best) -> str:
     return f"{value / best:.2f}x" if best and not pd.isna(value) and not pd.isna(best) else ""
 
 
+def _overshoot(pct) -> str:
+    return "" if pd.isna(pct) else f"{pct:+.0f}%"
+
+
 def table(frame: pd.DataFrame) -> str:
     head = ["model", "memory cap", "method", "attention", "recompute", "max context", "step (s)"]
     head += ["peak allocated (GiB)", "bound", "vs best LoRA-family", "memory fit to the cap"]
-    head += ["vs best LoRA-family (fit)"]
+    head += ["vs best LoRA-family (fit)", "fit beyond the measured limit"]
     lines = []
     for (model, cap), grp in frame.groupby(["model", frame.cap_gib.fillna(-1)], sort=True):
         lora = grp[grp.method.map(is_lora_family)]
@@ -102,7 +124,7 @@ def table(frame: pd.DataFrame) -> str:
             lines.append(
                 [str(model), _cap(r.cap_gib), str(r.method), str(r.attention), str(r.gradient_checkpointing)]
                 + [_tokens(r.max_context), step, peak, str(r.bound), _ratio(r.max_context, best)]
-                + [fit, _ratio(r.memory_fit_context, best_fit)]
+                + [fit, _ratio(r.memory_fit_context, best_fit), _overshoot(r.fit_overshoot_pct)]
             )
     return markdown_table(head, lines)
 
@@ -117,9 +139,11 @@ def summary(frame: pd.DataFrame) -> str:
             "cap is torch.cuda.set_per_process_memory_fraction. Bound = what ended the search (lemo.bench.maxctx): "
             '"memory" = the next probe ran out of memory; "time" = a longer step was predicted over the sweep\'s '
             "time bound, so memory would allow more.",
-            '"memory fit to the cap" = where a straight line through the peak allocated memory of the two longest '
-            "fitting probes reaches the cap (the device's memory without one): an extrapolation, not a measurement, "
-            'and optimistic, as the cap bounds reserved memory, which exceeds allocated; "(fit)" ratios compare fits.',
+            '"memory fit to the cap" (searches that did not find their memory limit) = where a straight line '
+            "through the peak allocated memory of the two longest fitting probes reaches the cap (the device's "
+            'memory without one): an extrapolation, not a measurement; "(fit)" ratios compare fits. Where a search '
+            'did find its limit, "fit beyond the measured limit" says how far the same fit overshoots it (the cap '
+            "bounds reserved memory, which exceeds allocated): a fit is optimistic by about as much.",
             "",
             table(frame),
             "",

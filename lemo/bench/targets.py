@@ -3,7 +3,9 @@
 Each row names the files it was read from; a target whose files are missing says "not measured".
 Ratio targets compare LeMo with the strongest LoRA-family baseline measured in the same run (same
 commit and point, any backend: the lowest memory or time among lora, lora-liger, offloaded or not),
-plain LoRA on LeMo's backend beside it; the best LeMo variant per target is shown.
+plain LoRA on LeMo's backend beside it; the best LeMo variant per target whose perplexity kept the quality
+goal on the real model is shown (results/accuracy/*/frontier.csv), further-reaching untested or failed
+variants named beside it.
 """
 
 from __future__ import annotations
@@ -75,27 +77,33 @@ def ratio_target(results: Path, target: RatioTarget) -> Row:
     fair = [(row, csv) for row, csv in found if row.base <= (1 + RUN_TO_RUN) * strongest]
     # only a variant whose perplexity kept the quality goal on the real model counts: a memory or time ratio
     # bought with quality, or with quality nobody measured, is not one a user can take
-    verdicts, ppl_goal = quality_verdicts(results), goals().quality.ppl_delta_pct
-
-    def delta(method):
-        return verdicts.get(_quality_label(method), (None, ""))[0]
-
-    kept = [(row, csv) for row, csv in fair if delta(row.method) is not None and delta(row.method) <= ppl_goal]
-    best, _ = max(fair, key=lambda pair: pair[0].ratio)
-    if not kept:
-        return Row(label, goal_text, f"no variant with its quality kept; best {_unkept(best, verdicts)}", "no", "")
-    r, csv = max(kept, key=lambda pair: pair[0].ratio)
+    verdicts = quality_verdicts(results)
+    by_verdict = {"kept": [], "failed": [], "untested": []}
+    for row, csv in sorted(fair, key=lambda pair: -pair[0].ratio):  # best first within each verdict
+        by_verdict[_verdict(row.method, verdicts)].append((row, csv))
+    if not by_verdict["kept"]:
+        best, csv = max(fair, key=lambda pair: pair[0].ratio)
+        return Row(
+            label, goal_text, f"no variant with its quality kept; best: {_unkept(best, verdicts)}", "no", str(csv)
+        )
+    r, csv = by_verdict["kept"][0]
     plain = "not in the run" if pd.isna(r.lora_ratio) else f"{r.lora_ratio:.3f}x (lora {r.lora:.2f})"
     text = (
         f"{r.ratio:.3f}x: {r.base_method} ({r.base_attention}) {r.base:.2f}, {r.method} ({r.attention}) "
         f"{r.value:.2f}, one run with {r.baselines}; vs plain LoRA on {r.attention}: {plain}"
     )
-    untested = [row for row, _ in fair if delta(row.method) is None and row.ratio > r.ratio]
-    failed = [row for row, _ in fair if delta(row.method) is not None and delta(row.method) > ppl_goal]
-    for row in (max(untested, key=lambda x: x.ratio, default=None), max(failed, key=lambda x: x.ratio, default=None)):
-        if row is not None and row.ratio > r.ratio:
-            text += f"; {_unkept(row, verdicts)}"
+    for verdict in ("untested", "failed"):  # the best of each that goes further, named beside
+        if by_verdict[verdict] and by_verdict[verdict][0][0].ratio > r.ratio:
+            text += f"; {_unkept(by_verdict[verdict][0][0], verdicts)}"
     return Row(label, goal_text, text, _mark(r.ratio >= goal), str(csv))
+
+
+def _verdict(method: str, verdicts: dict) -> str:
+    """kept / failed / untested: a LeMo variant's perplexity against the quality goal (quality_verdicts)."""
+    found = verdicts.get(_quality_label(method))
+    if found is None:
+        return "untested"
+    return "kept" if found[0] <= goals().quality.ppl_delta_pct else "failed"
 
 
 def _quality_label(method: str) -> str:
@@ -106,7 +114,7 @@ def _quality_label(method: str) -> str:
 def _unkept(row, verdicts) -> str:
     """A variant that does not count for a ratio target, and why."""
     found = verdicts.get(_quality_label(row.method))
-    why = "its quality is untested" if found is None else f"its perplexity is {found[0]:+.1f}% vs LoRA ({found[1]})"
+    why = "its quality is untested" if found is None else f"its perplexity is {found[0]:+.2f}% vs LoRA ({found[1]})"
     return f"{row.method} reaches {row.ratio:.3f}x but {why}"
 
 
