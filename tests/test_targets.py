@@ -209,10 +209,10 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
     d = tmp_path / "h200-maxctx"
     d.mkdir()
     columns = ["method", "cap_gib", "max_context", "bound", "step_s", "memory_fit_context"]
-    rows = [  # method, cap, max context, bound, step, peak-memory fit
-        ("lora", 80.0, 88 * 1024, "memory", 25.0, 104 * 1024),
+    rows = [  # method, cap, max context, bound, step, peak-memory fit (none where the limit was found)
+        ("lora", 80.0, 88 * 1024, "memory", 25.0, None),
         ("lora-liger-offload", 80.0, 184 * 1024, "time", 111.0, 472 * 1024),
-        ("longlora", 80.0, 400 * 1024, "memory", 9.0, 420 * 1024),  # not LoRA-family: approximate attention
+        ("longlora", 80.0, 400 * 1024, "memory", 9.0, None),  # not LoRA-family: approximate attention
         ("lemo-x", 80.0, 296 * 1024, "time", 74.0, 472 * 1024),
         ("lemo-x", None, 900 * 1024, "memory", 90.0, None),  # another cap: not compared
     ]
@@ -221,7 +221,8 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
     assert row.measured.startswith("1.61x: lemo-x 296K (time, 74 s/step) vs lora-liger-offload 184K")
     # both ended on time: the fits are reported beside the measurement, as the extrapolation they are
     assert row.measured.endswith(
-        "; both searches ended on time: the peak-memory fits reach the cap at 472K vs 472K (1.00x, extrapolated)"
+        "; both searches ended on time: by peak-memory fits to the cap (a found limit where there is one) "
+        "472K vs 472K (1.00x, extrapolated)"
     )
     met = "yes" if 296 / 184 >= goals().max_context.ratio else "no"
     assert row.met == met
@@ -231,11 +232,14 @@ def test_max_context_target_compares_the_longest_lemo_with_the_longest_lora_fami
     fit_far.to_csv(d / "max_context.csv", index=False)
     row = max_context_target(tmp_path)
     assert "(100.00x, extrapolated)" in row.measured and row.met == met
-    # one search on time: named; both on memory: no fit in the text
-    pd.DataFrame(rows, columns=columns).assign(bound=["memory", "memory", "memory", "time", "memory"]).to_csv(
-        d / "max_context.csv", index=False
+    # one search on time: named, its fit against the other's found limit; both on memory: no fit in the text
+    one = pd.DataFrame(rows, columns=columns).assign(bound=["memory", "memory", "memory", "time", "memory"])
+    one.loc[one.bound == "memory", "memory_fit_context"] = None  # as maxctx_report writes a found limit
+    one.to_csv(d / "max_context.csv", index=False)
+    assert max_context_target(tmp_path).measured.endswith(
+        "; lemo-x's search ended on time: by peak-memory fits to the cap (a found limit where there is one) "
+        "472K vs 184K (2.57x, extrapolated)"
     )
-    assert "; lemo-x's search ended on time: the peak-memory fits reach" in max_context_target(tmp_path).measured
     pd.DataFrame(rows, columns=columns).assign(bound="memory").to_csv(d / "max_context.csv", index=False)
     row = max_context_target(tmp_path)
     assert row.measured == "1.61x: lemo-x 296K (memory, 74 s/step) vs lora-liger-offload 184K (memory, 111 s/step)"
@@ -377,9 +381,9 @@ def test_quality_verdicts_keep_each_labels_worst_perplexity_delta(tmp_path):
     from lemo.bench.targets import _quality_label, quality_verdicts
 
     _frontier(tmp_path / "results", "a", [("lora", 0.0), ("x", 1.0), ("y", 5.0)])
-    _frontier(tmp_path / "results", "b", [("y", 7.5), ("z", 2.5), ("x", 0.5)])
+    _frontier(tmp_path / "results", "b", [("y", 7.5), ("z", 2.5), ("x", 0.5), ("w", float("nan"))])
     found = quality_verdicts(tmp_path / "results")
-    assert sorted(found) == ["lora", "x", "y", "z"]
+    assert sorted(found) == ["lora", "x", "y", "z"]  # w: no perplexity (a run that failed), no verdict
     assert found["y"] == (7.5, "results/accuracy/b/frontier.csv") and found["x"][0] == 1.0
     assert _quality_label("y-liger") == "y" and _quality_label("x") == "x"
 

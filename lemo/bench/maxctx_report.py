@@ -1,10 +1,11 @@
 """Max-context search results (lemo.bench.maxctx result.json files) -> max_context.csv, a table and a bar figure.
 
 The table compares each method with the best LoRA-family row (lora, lora-*, any backend) of the same
-model and cap: the "vs best LoRA" column is max_context / that row's max_context. A search that ended on
-"time" leaves its memory limit unmeasured, so every row also carries `memory_fit_context`: where the
-straight line through its two longest fits' peak allocated memory reaches the capacity. That is an
-extrapolation, compared in its own "(fit)" columns, never a measurement.
+model and cap: the "vs best LoRA" column is max_context / that row's max_context. A search that did not
+find its memory limit (e.g. ended on "time") carries `memory_fit_context`: where the straight line through
+its two longest fits' peak allocated memory reaches the capacity, an extrapolation compared in its own
+"(fit)" columns, never a measurement. One that found it carries `fit_overshoot_pct` instead: how far the
+same fit lies beyond the measured limit.
 """
 
 from __future__ import annotations

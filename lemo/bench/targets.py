@@ -381,18 +381,23 @@ def max_context_target(results: Path) -> Row:
 
 def _time_bound_fits(ours: pd.Series, best: pd.Series) -> str:
     """Where a search ended on "time" its measured context is only a lower bound on what memory allows: the two
-    searches' peak-memory fits to the cap (maxctx_report.memory_fit_context), labelled as the extrapolation they
-    are. Empty where neither did."""
+    searches' memory capacities compared, each its peak-memory fit to the cap (maxctx_report.memory_fit_context)
+    or, for a search that found its limit, that limit; labelled as the extrapolation it is. Empty where neither
+    ended on time."""
+    from .maxctx_report import MEASURED_LIMIT
+
     timed = [r.method for r in (ours, best) if r.bound == "time"]
     if not timed:
         return ""
     which = "both searches" if len(timed) == 2 else f"{timed[0]}'s search"
-    ours_fit, best_fit = (r.get("memory_fit_context", float("nan")) for r in (ours, best))
-    if pd.isna(ours_fit) or pd.isna(best_fit):
+    ours_cap, best_cap = (
+        r.max_context if r.bound in MEASURED_LIMIT else r.get("memory_fit_context", float("nan")) for r in (ours, best)
+    )
+    if pd.isna(ours_cap) or pd.isna(best_cap):
         return f"; {which} ended on time, with no peak-memory fit to extrapolate"
     return (
-        f"; {which} ended on time: the peak-memory fits reach the cap at {int(ours_fit) // 1024}K vs "
-        f"{int(best_fit) // 1024}K ({ours_fit / best_fit:.2f}x, extrapolated)"
+        f"; {which} ended on time: by peak-memory fits to the cap (a found limit where there is one) "
+        f"{int(ours_cap) // 1024}K vs {int(best_cap) // 1024}K ({ours_cap / best_cap:.2f}x, extrapolated)"
     )
 
 
